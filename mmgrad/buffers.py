@@ -1,0 +1,226 @@
+"""Flat gradient buffers and their segment tables.
+
+A :class:`FlatGradBuffer` owns one contiguous ``(rows, P)`` storage for a set of parameters of one
+dtype and device, and makes each parameter's ``.grad`` a view into one row. ``backward()`` then
+accumulates straight into the flat buffer (autograd adds in place into an existing ``.grad``), so
+the fused ops read every objective's gradient with no ``torch.cat`` and no per-parameter copy.
+Binding row k before a backward pass gathers that pass's gradient into row k.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+__all__ = ["SegmentTable", "FlatGradBuffer", "flat_grad_buffers"]
+
+
+class SegmentTable:
+    """Non-overlapping segments ``(offset, numel)`` of a flat buffer of ``total`` elements.
+
+    Keeps a host copy (for validation and layout decisions, never read on the hot path) and int64
+    device tensors ``offsets`` / ``numels`` that the segment ops take.
+    """
+
+    def __init__(
+        self,
+        offsets: Sequence[int],
+        numels: Sequence[int],
+        total: int,
+        device: torch.device | str = "cpu",
+        names: Optional[Sequence[str]] = None,
+    ):
+        self.host_offsets = [int(o) for o in offsets]
+        self.host_numels = [int(n) for n in numels]
+        if len(self.host_offsets) != len(self.host_numels):
+            raise ValueError("offsets and numels must have the same length")
+        self.total = int(total)
+        self.names = list(names) if names is not None else None
+        if self.names is not None and len(self.names) != len(self.host_offsets):
+            raise ValueError("names must have one entry per segment")
+        end = 0
+        for start, n in sorted(zip(self.host_offsets, self.host_numels)):
+            if start < 0 or n < 0 or start + n > self.total:
+                raise ValueError(f"segment ({start}, {n}) lies outside the buffer of {self.total} elements")
+            if n and start < end:
+                raise ValueError(f"segment ({start}, {n}) overlaps the previous one (ends at {end})")
+            end = max(end, start + n)
+        self.device = torch.device(device)
+        self.offsets = torch.tensor(self.host_offsets, dtype=torch.int64, device=self.device)
+        self.numels = torch.tensor(self.host_numels, dtype=torch.int64, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.host_offsets)
+
+    def __repr__(self) -> str:
+        return f"SegmentTable({len(self)} segments over {self.total} elements on {self.device})"
+
+    def select(self, indices: Iterable[int]) -> "SegmentTable":
+        """The table of the segments at ``indices`` (same buffer)."""
+        idx = list(indices)
+        names = [self.names[i] for i in idx] if self.names is not None else None
+        return SegmentTable(
+            [self.host_offsets[i] for i in idx], [self.host_numels[i] for i in idx], self.total, self.device, names
+        )
+
+    def tile_rows(self, rows: int, row_stride: int) -> "SegmentTable":
+        """The same segments repeated for each of ``rows`` rows of a ``(rows, row_stride)`` buffer
+        viewed as 1-D: segment ``s`` of row ``k`` becomes segment ``k * len(self) + s``."""
+        offsets = [k * row_stride + o for k in range(rows) for o in self.host_offsets]
+        numels = self.host_numels * rows
+        return SegmentTable(offsets, numels, rows * row_stride, self.device)
+
+
+class FlatGradBuffer:
+    """One contiguous ``(rows, P)`` gradient storage for ``params`` (one dtype, one device).
+
+    Each parameter occupies ``[offset, offset + numel)`` of every row; ``bind(k)`` makes every
+    parameter's ``.grad`` a view of row k. Parameters that received no gradient since the last
+    :meth:`zero_` are reported by :meth:`params_without_grad` (autograd's post-accumulate hooks mark
+    the others), because their ``.grad`` is a zero view rather than ``None``.
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], rows: int = 1, names: Optional[Sequence[str]] = None):
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("FlatGradBuffer needs at least one parameter")
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        first = self.params[0]
+        self.dtype, self.device = first.dtype, first.device
+        seen = set()
+        for p in self.params:
+            if not p.requires_grad:
+                raise ValueError("FlatGradBuffer got a parameter that does not require grad (frozen)")
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(
+                    f"all parameters of one buffer must share dtype and device ({self.dtype}, {self.device}); "
+                    f"got ({p.dtype}, {p.device}); use flat_grad_buffers() to group them"
+                )
+            if p.is_sparse or p.layout != torch.strided:
+                raise ValueError("FlatGradBuffer supports dense (strided) parameters only")
+            if id(p) in seen:
+                raise ValueError("the same parameter appears twice")
+            seen.add(id(p))
+        numels = [p.numel() for p in self.params]
+        offsets, total = [], 0
+        for n in numels:
+            offsets.append(total)
+            total += n
+        self.numel = total
+        self.rows = rows
+        self.data = torch.zeros(rows, total, dtype=self.dtype, device=self.device)
+        self.segments = SegmentTable(offsets, numels, total, self.device, names)
+        self.active_row = 0
+        self._views = [self._make_views(r) for r in range(rows)]
+        self._received: set[int] = set()
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._mark_received(i)) for i, p in enumerate(self.params)
+        ]
+        self.bind(0)
+
+    def _mark_received(self, index: int):
+        def hook(_param):
+            self._received.add(index)
+
+        return hook
+
+    def views(self, row: int) -> list[torch.Tensor]:
+        """Each parameter's slice of ``row``, shaped like the parameter (cached views)."""
+        return self._views[row]
+
+    def _make_views(self, row: int) -> list[torch.Tensor]:
+        flat = self.data[row]
+        return [
+            _grad_view(flat, o, p)
+            for p, o in zip(self.params, self.segments.host_offsets)
+        ]
+
+    def row(self, row: int) -> torch.Tensor:
+        """Row ``row`` as a 1-D view of P elements."""
+        return self.data[row]
+
+    def bind(self, row: int = 0) -> None:
+        """Point every parameter's ``.grad`` at its slice of ``row``; the next backward
+        accumulates there. Gradients already in ``.grad`` that live elsewhere are added into the row
+        first, so nothing computed is lost."""
+        if not 0 <= row < self.rows:
+            raise IndexError(f"row {row} out of range for a buffer of {self.rows} rows")
+        for p, view in zip(self.params, self.views(row)):
+            g = p.grad
+            if g is not None and not self._owns(g):
+                if g.is_sparse:
+                    raise ValueError("sparse gradients are not supported by mmgrad's flat buffers")
+                view.add_(g)
+            p.grad = view
+        self.active_row = row
+
+    def _owns(self, t: torch.Tensor) -> bool:
+        return t.untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
+
+    def is_bound(self) -> bool:
+        """True when every parameter's ``.grad`` is still the view of the active row (a
+        ``zero_grad(set_to_none=True)`` or a hand-assigned ``.grad`` breaks the binding)."""
+        return all(
+            p.grad is not None and _same_view(p.grad, v) for p, v in zip(self.params, self.views(self.active_row))
+        )
+
+    def zero_(self, rows: Optional[Iterable[int]] = None) -> None:
+        """Zero the given rows (all by default), rebind the active row and forget which parameters
+        received gradients."""
+        if rows is None:
+            self.data.zero_()
+        else:
+            for r in rows:
+                self.data[r].zero_()
+        self._received.clear()
+        self.bind(self.active_row)
+
+    def params_without_grad(self) -> list[int]:
+        """Indices of the parameters no backward pass reached since the last :meth:`zero_`."""
+        return [i for i in range(len(self.params)) if i not in self._received]
+
+    def close(self) -> None:
+        """Remove the hooks and detach the ``.grad`` views from the buffer."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        for p in self.params:
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+
+
+def _grad_view(flat: torch.Tensor, offset: int, p: torch.Tensor) -> torch.Tensor:
+    """The slice of ``flat`` that serves as ``p.grad``, with ``p``'s strides when ``p`` is a dense
+    permutation of a contiguous tensor (a transposed or channels-last weight), so autograd's
+    gradient-layout contract holds and accumulation stays in place without a layout warning."""
+    if p.is_contiguous() or not _is_dense_permutation(p):
+        return flat[offset : offset + p.numel()].view(p.shape)
+    return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
+
+
+def _is_dense_permutation(p: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in sorted(zip(p.shape, p.stride()), key=lambda d: d[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def flat_grad_buffers(
+    params: Iterable[torch.nn.Parameter], rows: int = 1
+) -> "OrderedDict[tuple[torch.device, torch.dtype], FlatGradBuffer]":
+    """Group the trainable parameters by (device, dtype) and give each group its own buffer.
+    Frozen parameters (``requires_grad=False``) are skipped."""
+    groups: "OrderedDict[tuple[torch.device, torch.dtype], list]" = OrderedDict()
+    for p in params:
+        if p.requires_grad:
+            groups.setdefault((p.device, p.dtype), []).append(p)
+    return OrderedDict((key, FlatGradBuffer(ps, rows)) for key, ps in groups.items())

@@ -1,0 +1,49 @@
+"""``python -m mmgrad.env``: versions, and which backends serve which device (and why not)."""
+
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+import mmgrad
+from mmgrad import ops
+from mmgrad._extension import build_info
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except ImportError:
+        return "not installed"
+
+
+def report() -> str:
+    """A human-readable report of versions and backend availability."""
+    lines = [
+        f"mmgrad {mmgrad.__version__}",
+        f"python {platform.python_version()} on {platform.machine()}",
+        f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton {_version('triton')}",
+    ]
+    info = build_info()
+    if info is not None:
+        lines.append(f"mmgrad._C built for torch {info.TORCH_VERSION}, CUDA {info.CUDA_VERSION or 'none'}")
+    devices = ["cpu"]
+    # Asking whether CUDA is available initialises nothing until a tensor is made; this is the
+    # one place mmgrad asks, and only when the user runs this report.
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        lines.append(f"GPU: {torch.cuda.get_device_name(0)}")
+    else:
+        lines.append("GPU: none visible")
+    for device in devices:
+        lines.append(f"backends for {device} tensors (auto picks: {ops.resolve_backend(torch.device(device))}):")
+        for name, why in ops.available_backends(device).items():
+            lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())

@@ -1,0 +1,339 @@
+"""Public functional ops and the backend policy.
+
+Each op is a ``torch.library`` custom op ``mmgrad::<name>`` (schemas defined once, here, with fake
+kernels so ``torch.compile`` and ``torch.library.opcheck`` work). The dispatcher routes by device;
+within a device the backend policy picks the implementation:
+
+* CUDA tensors: Triton, else CUDA C++, else the reference;
+* CPU tensors: C++ (``mmgrad._C``), else the reference;
+* anything else: the reference.
+
+``MMGRAD_BACKEND=reference|cpp|triton|cuda`` or a ``backend=`` argument forces one; a forced backend
+that cannot serve the tensor's device raises with the reason. The semantics of every op are those of
+:mod:`mmgrad.reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from mmgrad import reference
+from mmgrad._extension import cpp_error
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "resolve_backend",
+    "gram",
+    "combine",
+    "segment_moments",
+    "segment_sumsq",
+    "segment_std",
+    "segment_scale_",
+    "segment_lerp_",
+]
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --- backend policy ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_error() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed (`pip install triton`)"
+    try:
+        importlib.import_module("mmgrad.triton")
+    except ImportError as exc:  # pragma: no cover - only on a broken triton install
+        return f"mmgrad.triton failed to import: {exc}"
+    return None
+
+
+def _backend_error(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the C++ backend runs on CPU tensors, not {device.type}"
+        return cpp_error()
+    if backend == "triton":
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device.type} tensors"
+        return _triton_error()
+    if backend == "cuda":
+        return "the CUDA C++ kernels are not built into mmgrad._C yet"
+    return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:
+    """Each backend mapped to None (usable on ``device``) or the reason it is not."""
+    device = torch.device(device)
+    return {b: _backend_error(b, device) for b in BACKENDS}
+
+
+def resolve_backend(device: torch.device, backend: Optional[str] = None) -> str:
+    """The backend that serves ``device``: the forced one (argument, then ``MMGRAD_BACKEND``) or
+    the first usable one of the auto policy."""
+    forced = backend or os.environ.get("MMGRAD_BACKEND") or None
+    if forced is not None:
+        error = _backend_error(forced, device)
+        if error is not None:
+            raise RuntimeError(f"mmgrad backend {forced!r} cannot serve {device.type} tensors: {error}")
+        return forced
+    if device.type == "cuda":
+        order = ("triton", "cuda", "reference")
+    elif device.type == "cpu":
+        order = ("cpp", "reference")
+    else:
+        order = ("reference",)
+    for candidate in order:
+        if _backend_error(candidate, device) is None:
+            return candidate
+    return "reference"  # unreachable: the reference always serves
+
+
+class _CppBackend:
+    """The C++ kernels registered by ``mmgrad._C`` under the ``mmgrad_C`` namespace."""
+
+    @staticmethod
+    def gram(J):
+        return torch.ops.mmgrad_C.gram(J)
+
+    @staticmethod
+    def combine(J, w):
+        return torch.ops.mmgrad_C.combine(J, w)
+
+    @staticmethod
+    def segment_moments(x, offsets, numels):
+        return torch.ops.mmgrad_C.segment_moments(x, offsets, numels)
+
+    @staticmethod
+    def segment_scale_(x, offsets, numels, scale, noise_std=None, seed=None):
+        torch.ops.mmgrad_C.segment_scale_(x, offsets, numels, scale, noise_std, seed)
+
+    @staticmethod
+    def segment_lerp_(x, y, offsets, numels, weight):
+        torch.ops.mmgrad_C.segment_lerp_(x, y, offsets, numels, weight)
+
+
+def _implementation(device: torch.device, backend: Optional[str]):
+    name = resolve_backend(device, backend)
+    if name == "reference":
+        return reference
+    if name == "cpp":
+        return _CppBackend
+    if name == "triton":
+        return importlib.import_module("mmgrad.triton")
+    raise AssertionError(name)  # pragma: no cover - _backend_error refuses "cuda" for now
+
+
+# --- custom ops (schemas and fake kernels) ----------------------------------------------------
+
+
+@torch.library.custom_op("mmgrad::gram", mutates_args=())
+def _gram_op(J: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    return _implementation(J.device, backend).gram(J)
+
+
+@_gram_op.register_fake
+def _(J, backend=None):
+    return J.new_empty((J.shape[0], J.shape[0]), dtype=reference.accumulation_dtype(J.dtype))
+
+
+@torch.library.custom_op("mmgrad::combine", mutates_args=())
+def _combine_op(J: torch.Tensor, w: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+    return _implementation(J.device, backend).combine(J, w)
+
+
+@_combine_op.register_fake
+def _(J, w, backend=None):
+    return J.new_empty((J.shape[1],))
+
+
+@torch.library.custom_op("mmgrad::segment_moments", mutates_args=())
+def _segment_moments_op(
+    x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
+    return _implementation(x.device, backend).segment_moments(x, offsets, numels)
+
+
+@_segment_moments_op.register_fake
+def _(x, offsets, numels, backend=None):
+    return x.new_empty((offsets.shape[0], 2), dtype=reference.accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("mmgrad::segment_scale_", mutates_args=("x",))
+def _segment_scale_op(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> None:
+    _implementation(x.device, backend).segment_scale_(x, offsets, numels, scale, noise_std, seed)
+
+
+@torch.library.custom_op("mmgrad::segment_lerp_", mutates_args=("x",))
+def _segment_lerp_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    weight: torch.Tensor,
+    backend: Optional[str] = None,
+) -> None:
+    _implementation(x.device, backend).segment_lerp_(x, y, offsets, numels, weight)
+
+
+# --- public functions (argument checks and normalisation, then the op) -------------------------
+
+
+def _check_float(t: torch.Tensor, what: str) -> None:
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def _check_matrix(J: torch.Tensor) -> torch.Tensor:
+    if J.dim() != 2:
+        raise ValueError(f"J must be 2-D (K objectives x P parameters), got shape {tuple(J.shape)}")
+    _check_float(J, "J")
+    # Rows may be strided (a slice of a wider buffer); columns must be unit-stride for the kernels.
+    if J.shape[1] > 1 and J.stride(1) != 1:
+        J = J.contiguous()
+    return J
+
+
+def gram(J: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """Gram matrix ``J @ J.T`` of the K rows of ``J`` (K, P) in one pass over ``J``.
+
+    Accumulates in float32 (float64 for float64 input) and returns that dtype. Deterministic and
+    free of host synchronisation on every backend but the reference.
+    """
+    return _gram_op(_check_matrix(J), backend)
+
+
+def combine(J: torch.Tensor, w: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+    """``w @ J`` (shape (P,), ``J``'s dtype) in one pass over ``J``, accumulated in float32
+    (float64 for float64 input)."""
+    J = _check_matrix(J)
+    if w.shape != (J.shape[0],):
+        raise ValueError(f"w must have shape ({J.shape[0]},) to combine {J.shape[0]} rows, got {tuple(w.shape)}")
+    if w.device != J.device:
+        raise ValueError(f"w is on {w.device} but J is on {J.device}")
+    w = w.to(reference.accumulation_dtype(J.dtype)).contiguous()
+    return _combine_op(J, w, backend)
+
+
+def _check_segments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, what: str = "x"):
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"{what} must be a contiguous 1-D buffer, got shape {tuple(x.shape)}")
+    _check_float(x, what)
+    if offsets.shape != numels.shape or offsets.dim() != 1:
+        raise ValueError("offsets and numels must be 1-D tensors of equal length")
+    if offsets.device != x.device or numels.device != x.device:
+        raise ValueError(f"the segment table must be on {x.device}, like {what}")
+    return offsets.to(torch.int64).contiguous(), numels.to(torch.int64).contiguous()
+
+
+def _per_segment(v: torch.Tensor, x: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    v = torch.as_tensor(v, device=x.device)
+    if v.dim() == 0:
+        v = v.expand(n)
+    if v.shape != (n,):
+        raise ValueError(f"{what} must have one value per segment ({n}), got shape {tuple(v.shape)}")
+    return v.to(reference.accumulation_dtype(x.dtype)).contiguous()
+
+
+def segment_moments(
+    x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Per-segment ``[sum, sum of squares]`` of the flat buffer ``x``, shape (S, 2), in one pass."""
+    offsets, numels = _check_segments(x, offsets, numels)
+    return _segment_moments_op(x, offsets, numels, backend)
+
+
+def segment_sumsq(
+    x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Per-segment sum of squares (squared L2 norm), shape (S,)."""
+    return segment_moments(x, offsets, numels, backend=backend)[:, 1]
+
+
+def segment_std(moments: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Unbiased per-segment standard deviation (as ``Tensor.std()``) from :func:`segment_moments`.
+
+    A segment with fewer than two elements has std 0 (``Tensor.std()`` would give NaN). The
+    variance is clamped at 0 against rounding when the mean dominates.
+    """
+    n = numels.to(moments.dtype)
+    centred = moments[:, 1] - moments[:, 0] * moments[:, 0] / n.clamp_min(1)
+    var = centred.clamp_min(0) / (n - 1).clamp_min(1)
+    return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def segment_scale_(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    scale: torch.Tensor | float,
+    noise_std: torch.Tensor | float | None = None,
+    seed: torch.Tensor | int | None = None,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In place ``x[seg s] = scale[s] * x[seg s] + noise_std[s] * N(0, 1)``; returns ``x``.
+
+    The noise is counter-based (Philox4x32-10 keyed by ``seed``, counter = element index), so the
+    same seed gives the same noise on every backend, block size and thread count. Pass ``seed`` as
+    an int64 device tensor to keep CUDA graphs replayable with fresh noise (increment it in place).
+    """
+    offsets, numels = _check_segments(x, offsets, numels)
+    n = offsets.shape[0]
+    scale = _per_segment(scale, x, n, "scale")
+    if noise_std is not None:
+        noise_std = _per_segment(noise_std, x, n, "noise_std")
+        if seed is None:
+            raise ValueError("noise_std needs a seed")
+        seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device).reshape(1)
+    _segment_scale_op(x, offsets, numels, scale, noise_std, seed, backend)
+    return x
+
+
+def segment_lerp_(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    weight: torch.Tensor | float,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In place ``x[seg s] = weight[s] * y[seg s] + (1 - weight[s]) * x[seg s]``; returns ``x``."""
+    offsets, numels = _check_segments(x, offsets, numels)
+    if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device or not y.is_contiguous():
+        raise ValueError("y must be a contiguous buffer of x's shape, dtype and device")
+    weight = _per_segment(weight, x, offsets.shape[0], "weight")
+    _segment_lerp_op(x, y, offsets, numels, weight, backend)
+    return x
+
+
+def table(sizes: Sequence[int], device: torch.device | str = "cpu"):
+    """Offsets and numels of consecutive segments of the given sizes (a convenience for tests and
+    for buffers laid out back to back)."""
+    numels = torch.tensor(list(sizes), dtype=torch.int64)
+    offsets = torch.cumsum(numels, 0) - numels
+    return offsets.to(device), numels.to(device)

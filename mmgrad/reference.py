@@ -1,0 +1,195 @@
+"""Pure-PyTorch version of every mmgrad op.
+
+This module is the specification of the ops: the test oracle (run it on float64 inputs) and the
+fallback on any device. Every other backend (C++ in ``csrc/``, Triton in ``mmgrad/triton/``, CUDA
+C++ in ``kernels/``) must agree with it within the per-dtype tolerances of ``tests/``.
+
+Conventions shared by all backends
+----------------------------------
+* ``J`` is a (K, P) matrix whose rows are per-objective gradients. Its last dimension must be
+  contiguous (``J.stride(1) == 1``); the row stride may be anything >= P.
+* Accumulation is float32 for float16 / bfloat16 / float32 inputs and float64 for float64 inputs
+  (:func:`accumulation_dtype`). Reductions (``gram``, ``segment_moments``) return that dtype.
+* A segment table is two int64 tensors of equal length S on the data's device: ``offsets`` (first
+  element of each segment in the flat 1-D buffer) and ``numels`` (its length, may be 0). Segments
+  never overlap; elements outside every segment are left alone by the in-place ops.
+* Gaussian noise is counter-based (:func:`philox_normal`): element ``i`` of the flat buffer gets the
+  same number for a given seed whatever the backend, block size or thread count.
+
+The reference favours clarity over speed: the segment ops loop over segments on the host, so on a
+CUDA tensor they synchronise. The auto backend policy never picks it for CUDA tensors when Triton is
+available.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "accumulation_dtype",
+    "gram",
+    "combine",
+    "segment_moments",
+    "segment_scale_",
+    "segment_lerp_",
+    "philox4x32",
+    "philox_normal",
+]
+
+# Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+PHILOX_ROUNDS = 10
+_MASK32 = 0xFFFFFFFF
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every backend accumulates in (and reduction ops return) for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gram(J: torch.Tensor) -> torch.Tensor:
+    """``J @ J.T`` accumulated in :func:`accumulation_dtype`; shape (K, K)."""
+    acc = accumulation_dtype(J.dtype)
+    Ja = J.to(acc)
+    return Ja @ Ja.T
+
+
+def combine(J: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``w @ J`` accumulated in :func:`accumulation_dtype`, returned in ``J``'s dtype; shape (P,)."""
+    acc = accumulation_dtype(J.dtype)
+    return (w.to(acc) @ J.to(acc)).to(J.dtype)
+
+
+def _segments(offsets: torch.Tensor, numels: torch.Tensor):
+    return zip(offsets.tolist(), numels.tolist())
+
+
+def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Per-segment ``[sum, sum of squares]`` of the flat buffer ``x``; shape (S, 2).
+
+    Norms are ``sqrt(m[:, 1])``; the unbiased std of segment s with n elements is
+    ``sqrt((m[s, 1] - m[s, 0]**2 / n) / (n - 1))`` (see :func:`mmgrad.ops.segment_std`).
+    """
+    acc = accumulation_dtype(x.dtype)
+    out = torch.zeros(offsets.numel(), 2, dtype=acc, device=x.device)
+    for s, (start, n) in enumerate(_segments(offsets, numels)):
+        seg = x[start : start + n].to(acc)
+        out[s, 0] = seg.sum()
+        out[s, 1] = (seg * seg).sum()
+    return out
+
+
+def segment_scale_(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    scale: torch.Tensor,
+    noise_std: Optional[torch.Tensor] = None,
+    seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """In place: ``x[seg s] = scale[s] * x[seg s] + noise_std[s] * N(0, 1)``.
+
+    The noise of element ``i`` of ``x`` is ``philox_normal(seed, i)``. Without ``noise_std`` it is a
+    plain per-segment scaling. Arithmetic in :func:`accumulation_dtype`, stored in ``x``'s dtype.
+    """
+    acc = accumulation_dtype(x.dtype)
+    scale = scale.to(acc)
+    if noise_std is not None:
+        noise_std = noise_std.to(acc)
+    for s, (start, n) in enumerate(_segments(offsets, numels)):
+        if n == 0:
+            continue
+        seg = x[start : start + n]
+        new = scale[s] * seg.to(acc)
+        if noise_std is not None:
+            idx = torch.arange(start, start + n, dtype=torch.int64, device=x.device)
+            new = new + noise_std[s] * philox_normal(seed, idx).to(acc)
+        seg.copy_(new)
+    return x
+
+
+def segment_lerp_(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    weight: torch.Tensor,
+) -> torch.Tensor:
+    """In place: ``x[seg s] = weight[s] * y[seg s] + (1 - weight[s]) * x[seg s]``.
+
+    Re-learning's soft re-initialisation (``x`` current weights, ``y`` initial weights).
+    """
+    acc = accumulation_dtype(x.dtype)
+    weight = weight.to(acc)
+    for s, (start, n) in enumerate(_segments(offsets, numels)):
+        if n == 0:
+            continue
+        xs = x[start : start + n]
+        xs.copy_(weight[s] * y[start : start + n].to(acc) + (1 - weight[s]) * xs.to(acc))
+    return x
+
+
+# --- counter-based Gaussian noise -------------------------------------------------------------
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """High and low 32 bits of the 64-bit product of the constant ``a`` and uint32 values ``b``.
+
+    int64 tensors cannot hold a full 64-bit unsigned product, so ``a`` is split into 16-bit halves
+    and every intermediate stays below 2**50.
+    """
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    p_lo = b * a_lo  # < 2**48
+    p_hi = b * a_hi  # < 2**48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    lo = mid & _MASK32
+    hi = (p_hi >> 16) + (mid >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32(counter: torch.Tensor, seed: torch.Tensor):
+    """Philox4x32-10 on counters ``(lo32(counter), hi32(counter), 0, 0)`` with key
+    ``(lo32(seed), hi32(seed))``. ``counter`` is an int64 tensor of non-negative values; returns
+    four int64 tensors holding uint32 values."""
+    seed = seed.reshape(()).to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = counter & _MASK32
+    c1 = (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for r in range(PHILOX_ROUNDS):
+        if r:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mulhilo32(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def philox_normal(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Standard normal number for each flat element ``index`` (int64), as float64.
+
+    Element ``i`` uses Philox block ``i >> 2``; the block's four uint32 outputs ``r0..r3`` make two
+    Box-Muller pairs: ``u = ((r >> 8) + 1) / 2**24`` in (0, 1], ``v = (r' >> 8) / 2**24`` in [0, 1),
+    ``z = sqrt(-2 ln u) * (cos | sin)(2 pi v)``, with ``(r0, r1)`` giving elements 0 and 1 of the
+    block and ``(r2, r3)`` elements 2 and 3. Kernels evaluate the same formula in float32.
+    """
+    r0, r1, r2, r3 = philox4x32(index >> 2, seed)
+    lane = index & 3
+    first_pair = lane < 2
+    ru = torch.where(first_pair, r0, r2)
+    rv = torch.where(first_pair, r1, r3)
+    u = ((ru >> 8) + 1).to(torch.float64) * 2.0**-24
+    v = (rv >> 8).to(torch.float64) * 2.0**-24
+    radius = torch.sqrt(-2.0 * torch.log(u))
+    angle = 2.0 * math.pi * v
+    use_cos = (lane & 1) == 0
+    return radius * torch.where(use_cos, torch.cos(angle), torch.sin(angle))

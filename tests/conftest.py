@@ -1,0 +1,36 @@
+"""Shared test set-up.
+
+Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which must be set before triton is
+imported; without a GPU the suite sets it so every Triton kernel is exercised here too.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from mmgrad import ops  # noqa: E402  (after TRITON_INTERPRET is set)
+
+# `make test` sets MMGRAD_REQUIRE_CPP=1: a missing C++ extension is then a failure, not a skip.
+REQUIRE_CPP = os.environ.get("MMGRAD_REQUIRE_CPP") == "1"
+
+
+def cpu_backends() -> list:
+    """Backends to test on CPU tensors, each a pytest param skipped with its reason if unusable."""
+    params = []
+    for name, why in ops.available_backends("cpu").items():
+        if name == "cuda":
+            continue  # CUDA-only; its tests live with the GPU tests
+        if why is not None and name == "cpp" and REQUIRE_CPP:
+            raise RuntimeError(f"MMGRAD_REQUIRE_CPP=1 but the C++ backend is unavailable: {why}")
+        marks = [pytest.mark.skip(reason=why)] if why is not None else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,261 @@
+"""Every op on every CPU backend against the float64 reference.
+
+Tolerances per dtype (inputs are compared against the reference run on the same values cast to
+float64, so only accumulation and output rounding count):
+* gram: |G - G64| <= tol * sqrt(G64_ii * G64_jj) (+ a tiny absolute floor), tol = 1e-5 for
+  fp32 / fp16 / bf16 inputs (fp32 accumulation), 1e-12 for fp64;
+* combine and the in-place segment ops: |out - ref| <= tol * (|w| @ |J|) + floor, tol = the output
+  dtype's rounding: fp64 1e-12, fp32 1e-5, fp16 2e-3, bf16 1.6e-2;
+* noise: within 1e-5 (absolute, per unit std) of the float64 Philox reference.
+"""
+
+import pytest
+import torch
+
+from conftest import cpu_backends
+from mmgrad import ops, reference
+
+BACKENDS = cpu_backends()
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+OUT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ACC_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
+SHAPES = [(1, 1), (1, 1000), (2, 7), (3, 4099), (8, 1), (8, 2500), (17, 333), (64, 1031), (5, 0)]
+
+
+def random_matrix(K, P, dtype, scale=1.0):
+    return (torch.randn(K, P, dtype=torch.float64) * scale).to(dtype)
+
+
+def assert_gram_close(G, J, dtype):
+    ref = reference.gram(J.to(torch.float64))
+    assert G.dtype == reference.accumulation_dtype(dtype)
+    assert G.shape == ref.shape
+    d = ref.diagonal().sqrt()
+    bound = ACC_TOL[dtype] * torch.outer(d, d) + 1e-300
+    err = (G.to(torch.float64) - ref).abs()
+    assert (err <= bound).all(), f"max err {err.max().item():.3g}, bound {bound.min().item():.3g}"
+
+
+def assert_combine_close(out, J, w, dtype):
+    J64, w64 = J.to(torch.float64), w.to(torch.float64)
+    ref = w64 @ J64
+    assert out.dtype == dtype and out.shape == ref.shape
+    bound = OUT_TOL[dtype] * (w64.abs() @ J64.abs()) + 1e-300
+    err = (out.to(torch.float64) - ref).abs()
+    assert (err <= bound).all(), f"max err {err.max().item():.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,P", SHAPES)
+def test_gram_matches_float64_reference(backend, dtype, K, P):
+    J = random_matrix(K, P, dtype)
+    assert_gram_close(ops.gram(J, backend=backend), J, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,P", SHAPES)
+def test_combine_matches_float64_reference(backend, dtype, K, P):
+    J = random_matrix(K, P, dtype)
+    w = torch.randn(K)
+    assert_combine_close(ops.combine(J, w, backend=backend), J, w, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_rows_give_zero_gram_entries_and_no_nan(backend):
+    J = random_matrix(4, 999, torch.float32)
+    J[1] = 0
+    J[3] = 0
+    G = ops.gram(J, backend=backend)
+    assert torch.isfinite(G).all()
+    assert (G[1] == 0).all() and (G[:, 3] == 0).all()
+    assert_gram_close(G, J, torch.float32)
+    out = ops.combine(J, torch.tensor([0.0, 2.0, 1.0, -1.0]), backend=backend)
+    assert torch.equal(out, J[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_extreme_scales_follow_the_reference(backend, dtype, scale):
+    J = random_matrix(3, 513, dtype, scale)
+    G = ops.gram(J, backend=backend)
+    # In fp32 the squares of 1e-30 flush to 0, as the float64 result does when cast to fp32. The
+    # squares of 1e30 overflow: where the cast result is infinite, the fp32 accumulation is
+    # non-finite too (inf, or NaN where +inf and -inf products meet), never a finite wrong value.
+    expected = reference.gram(J.to(torch.float64)).to(G.dtype)
+    if dtype == torch.float32:
+        assert torch.equal(torch.isfinite(G), torch.isfinite(expected))
+        finite = torch.isfinite(expected)
+        assert torch.allclose(G[finite], expected[finite], rtol=1e-5, atol=0)
+    else:
+        assert_gram_close(G, J, dtype)
+    w = torch.tensor([0.5, -1.0, 2.0])
+    assert_combine_close(ops.combine(J, w, backend=backend), J, w, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_and_non_contiguous_input(backend):
+    wide = random_matrix(6, 3000, torch.float32)
+    J = wide[::2, 100:2100]  # row stride 6000, unit column stride: read in place
+    assert J.stride() == (6000, 1)
+    assert_gram_close(ops.gram(J, backend=backend), J, torch.float32)
+    w = torch.randn(3)
+    assert_combine_close(ops.combine(J, w, backend=backend), J, w, torch.float32)
+    Jt = random_matrix(700, 4, torch.float32).T  # column stride 4: copied, still correct
+    assert_gram_close(ops.gram(Jt, backend=backend), Jt, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gram_and_combine_are_bitwise_deterministic(backend):
+    J = random_matrix(8, 70_001, torch.float32)
+    w = torch.randn(8)
+    assert torch.equal(ops.gram(J, backend=backend), ops.gram(J, backend=backend))
+    assert torch.equal(ops.combine(J, w, backend=backend), ops.combine(J, w, backend=backend))
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="2-D"):
+        ops.gram(torch.randn(5))
+    with pytest.raises(TypeError, match="float"):
+        ops.gram(torch.ones(2, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"w must have shape \(3,\)"):
+        ops.combine(torch.randn(3, 10), torch.randn(2))
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        ops.gram(torch.randn(2, 3), backend="fortran")
+    with pytest.raises(ValueError, match="contiguous 1-D"):
+        ops.segment_moments(torch.randn(4, 4), *ops.table([4]))
+    with pytest.raises(ValueError, match="one value per segment"):
+        ops.segment_scale_(torch.randn(10), *ops.table([4, 6]), torch.ones(3))
+    with pytest.raises(ValueError, match="needs a seed"):
+        ops.segment_scale_(torch.randn(10), *ops.table([10]), 1.0, noise_std=1.0)
+
+
+# --- segment ops ------------------------------------------------------------------------------
+
+
+def random_layout(total_segments=12, gap=True, generator=None):
+    """Offsets / numels with empty segments, gaps between segments and a shuffled order."""
+    g = generator or torch.Generator().manual_seed(1)
+    sizes = torch.randint(0, 3000, (total_segments,), generator=g).tolist()
+    sizes[0], sizes[3] = 0, 1  # an empty and a single-element segment
+    offsets, pos = [], 0
+    for n in sizes:
+        pos += int(torch.randint(0, 50, (1,), generator=g)) if gap else 0
+        offsets.append(pos)
+        pos += n
+    order = torch.randperm(len(sizes), generator=g).tolist()
+    offsets = torch.tensor([offsets[i] for i in order], dtype=torch.int64)
+    numels = torch.tensor([sizes[i] for i in order], dtype=torch.int64)
+    return offsets, numels, pos + 7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segment_moments_match_float64_reference(backend, dtype):
+    offsets, numels, total = random_layout()
+    x = (torch.randn(total, dtype=torch.float64) * 3 + 0.5).to(dtype)
+    m = ops.segment_moments(x, offsets, numels, backend=backend)
+    ref = reference.segment_moments(x.to(torch.float64), offsets, numels)
+    assert m.dtype == reference.accumulation_dtype(dtype) and m.shape == (len(offsets), 2)
+    abs_sum = torch.stack([x.to(torch.float64)[o : o + n].abs().sum() for o, n in zip(offsets.tolist(), numels.tolist())])
+    assert ((m[:, 0].double() - ref[:, 0]).abs() <= ACC_TOL[dtype] * abs_sum + 1e-300).all()
+    assert ((m[:, 1].double() - ref[:, 1]).abs() <= ACC_TOL[dtype] * ref[:, 1] + 1e-300).all()
+    assert torch.equal(m, ops.segment_moments(x, offsets, numels, backend=backend))
+
+
+def test_segment_std_matches_tensor_std():
+    offsets, numels = ops.table([5, 1, 0, 300])
+    x = torch.randn(306, dtype=torch.float64) * 2 + 1
+    std = ops.segment_std(ops.segment_moments(x, offsets, numels, backend="reference"), numels)
+    assert torch.allclose(std[0], x[:5].std()) and torch.allclose(std[3], x[6:].std())
+    assert std[1] == 0 and std[2] == 0  # defined (0), where Tensor.std() would give NaN
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segment_scale_without_noise(backend, dtype):
+    offsets, numels, total = random_layout()
+    x = torch.randn(total, dtype=torch.float64).to(dtype)
+    scale = torch.randn(len(offsets), dtype=torch.float64)
+    expected = reference.segment_scale_(x.clone().to(torch.float64), offsets, numels, scale)
+    out = ops.segment_scale_(x.clone(), offsets, numels, scale, backend=backend)
+    bound = OUT_TOL[dtype] * expected.abs() + 1e-300
+    assert ((out.double() - expected).abs() <= bound).all()
+    # Elements outside every segment are untouched.
+    inside = torch.zeros(total, dtype=torch.bool)
+    for o, n in zip(offsets.tolist(), numels.tolist()):
+        inside[o : o + n] = True
+    assert torch.equal(out[~inside], x[~inside])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7])
+def test_segment_scale_noise_matches_philox_reference(backend, seed):
+    offsets, numels, total = random_layout()
+    x = torch.randn(total, dtype=torch.float32)
+    scale = torch.rand(len(offsets))
+    std = torch.rand(len(offsets)) * 2
+    out = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed, backend=backend)
+    expected = reference.segment_scale_(
+        x.double(), offsets, numels, scale.double(), std.double(), torch.tensor([seed])
+    )
+    assert ((out.double() - expected).abs() <= 1e-5 * (1 + expected.abs())).all()
+    again = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed, backend=backend)
+    assert torch.equal(out, again)
+    other_seed = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed + 1, backend=backend)
+    assert not torch.equal(out, other_seed)
+
+
+def test_philox_noise_is_standard_normal():
+    z = reference.philox_normal(torch.tensor(7), torch.arange(400_000) + 2**33)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.003
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_segment_lerp(backend, dtype):
+    offsets, numels, total = random_layout()
+    x = torch.randn(total, dtype=torch.float64).to(dtype)
+    y = torch.randn(total, dtype=torch.float64).to(dtype)
+    weight = torch.rand(len(offsets), dtype=torch.float64)
+    expected = reference.segment_lerp_(x.to(torch.float64, copy=True), y.double(), offsets, numels, weight)
+    out = ops.segment_lerp_(x.clone(), y, offsets, numels, weight, backend=backend)
+    bound = OUT_TOL[dtype] * (x.double().abs() + y.double().abs()) + 1e-300
+    assert ((out.double() - expected).abs() <= bound).all()
+
+
+# --- torch.library contract -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_every_op(backend):
+    J = torch.randn(3, 257)
+    w = torch.randn(3)
+    offsets, numels = ops.table([100, 0, 150])
+    x = torch.randn(250)
+    y = torch.randn(250)
+    seed = torch.tensor([3])
+    cases = [
+        (torch.ops.mmgrad.gram.default, (J, backend)),
+        (torch.ops.mmgrad.combine.default, (J, w, backend)),
+        (torch.ops.mmgrad.segment_moments.default, (x, offsets, numels, backend)),
+        (torch.ops.mmgrad.segment_scale_.default, (x, offsets, numels, torch.rand(3), torch.rand(3), seed, backend)),
+        (torch.ops.mmgrad.segment_lerp_.default, (x, y, offsets, numels, torch.rand(3), backend)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_backend_policy(monkeypatch):
+    monkeypatch.delenv("MMGRAD_BACKEND", raising=False)
+    assert ops.resolve_backend(torch.device("cpu")) in ("cpp", "reference")
+    monkeypatch.setenv("MMGRAD_BACKEND", "reference")
+    assert ops.resolve_backend(torch.device("cpu")) == "reference"
+    monkeypatch.setenv("MMGRAD_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot serve cpu tensors"):
+        ops.gram(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="C\\+\\+ backend runs on CPU"):
+        ops.resolve_backend(torch.device("meta"), "cpp")
