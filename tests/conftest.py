@@ -18,16 +18,21 @@ from mmgrad import ops  # noqa: E402  (after TRITON_INTERPRET is set)
 REQUIRE_CPP = os.environ.get("MMGRAD_REQUIRE_CPP") == "1"
 
 
-def cpu_backends() -> list:
-    """Backends to test on CPU tensors, each a pytest param skipped with its reason if unusable."""
+def backend_cases() -> list:
+    """(device, backend) pairs to test, each a pytest param skipped with its reason if unusable:
+    every CPU backend here, and Triton / the reference on CUDA tensors when a GPU is present."""
     params = []
     for name, why in ops.available_backends("cpu").items():
         if name == "cuda":
-            continue  # CUDA-only; its tests live with the GPU tests
+            continue  # CUDA tensors only, below
         if why is not None and name == "cpp" and REQUIRE_CPP:
             raise RuntimeError(f"MMGRAD_REQUIRE_CPP=1 but the C++ backend is unavailable: {why}")
         marks = [pytest.mark.skip(reason=why)] if why is not None else []
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param(("cpu", name), marks=marks, id=f"cpu-{name}"))
+    for name in ("triton", "cuda", "reference"):
+        why = "no CUDA device" if not torch.cuda.is_available() else ops.available_backends("cuda")[name]
+        marks = [pytest.mark.skip(reason=why)] if why is not None else []
+        params.append(pytest.param(("cuda", name), marks=marks, id=f"cuda-{name}"))
     return params
 
 

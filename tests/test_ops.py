@@ -12,21 +12,29 @@ float64, so only accumulation and output rounding count):
 import pytest
 import torch
 
-from conftest import cpu_backends
+from conftest import backend_cases
 from mmgrad import ops, reference
 
-BACKENDS = cpu_backends()
+CASES = backend_cases()
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OUT_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 ACC_TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5}
 SHAPES = [(1, 1), (1, 1000), (2, 7), (3, 4099), (8, 1), (8, 2500), (17, 333), (64, 1031), (5, 0)]
 
 
-def random_matrix(K, P, dtype, scale=1.0):
-    return (torch.randn(K, P, dtype=torch.float64) * scale).to(dtype)
+def run_on(device, op, *args, **kwargs):
+    """``op`` with every tensor argument moved to ``device``; a tensor result comes back on the CPU."""
+    moved = [a.to(device) if isinstance(a, torch.Tensor) else a for a in args]
+    out = op(*moved, **kwargs)
+    return out.cpu() if isinstance(out, torch.Tensor) else out
+
+
+def random_matrix(K, P, dtype, scale=1.0, device="cpu"):
+    return (torch.randn(K, P, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
 
 
 def assert_gram_close(G, J, dtype):
+    G, J = G.cpu(), J.cpu()
     ref = reference.gram(J.to(torch.float64))
     assert G.dtype == reference.accumulation_dtype(dtype)
     assert G.shape == ref.shape
@@ -37,6 +45,7 @@ def assert_gram_close(G, J, dtype):
 
 
 def assert_combine_close(out, J, w, dtype):
+    out, J, w = out.cpu(), J.cpu(), w.cpu()
     J64, w64 = J.to(torch.float64), w.to(torch.float64)
     ref = w64 @ J64
     assert out.dtype == dtype and out.shape == ref.shape
@@ -45,72 +54,78 @@ def assert_combine_close(out, J, w, dtype):
     assert (err <= bound).all(), f"max err {err.max().item():.3g}"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,P", SHAPES)
-def test_gram_matches_float64_reference(backend, dtype, K, P):
-    J = random_matrix(K, P, dtype)
+def test_gram_matches_float64_reference(case, dtype, K, P):
+    device, backend = case
+    J = random_matrix(K, P, dtype, device=device)
     assert_gram_close(ops.gram(J, backend=backend), J, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("K,P", SHAPES)
-def test_combine_matches_float64_reference(backend, dtype, K, P):
-    J = random_matrix(K, P, dtype)
-    w = torch.randn(K)
+def test_combine_matches_float64_reference(case, dtype, K, P):
+    device, backend = case
+    J = random_matrix(K, P, dtype, device=device)
+    w = torch.randn(K, device=device)
     assert_combine_close(ops.combine(J, w, backend=backend), J, w, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_zero_rows_give_zero_gram_entries_and_no_nan(backend):
-    J = random_matrix(4, 999, torch.float32)
+@pytest.mark.parametrize("case", CASES)
+def test_zero_rows_give_zero_gram_entries_and_no_nan(case):
+    device, backend = case
+    J = random_matrix(4, 999, torch.float32, device=device)
     J[1] = 0
     J[3] = 0
     G = ops.gram(J, backend=backend)
     assert torch.isfinite(G).all()
     assert (G[1] == 0).all() and (G[:, 3] == 0).all()
     assert_gram_close(G, J, torch.float32)
-    out = ops.combine(J, torch.tensor([0.0, 2.0, 1.0, -1.0]), backend=backend)
+    out = ops.combine(J, torch.tensor([0.0, 2.0, 1.0, -1.0], device=device), backend=backend)
     assert torch.equal(out, J[2])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("scale", [1e-30, 1e30])
-def test_extreme_scales_follow_the_reference(backend, dtype, scale):
-    J = random_matrix(3, 513, dtype, scale)
-    G = ops.gram(J, backend=backend)
+def test_extreme_scales_follow_the_reference(case, dtype, scale):
+    device, backend = case
+    J = random_matrix(3, 513, dtype, scale, device=device)
+    G = ops.gram(J, backend=backend).cpu()
     # In fp32 the squares of 1e-30 flush to 0, as the float64 result does when cast to fp32. The
     # squares of 1e30 overflow: where the cast result is infinite, the fp32 accumulation is
     # non-finite too (inf, or NaN where +inf and -inf products meet), never a finite wrong value.
-    expected = reference.gram(J.to(torch.float64)).to(G.dtype)
+    expected = reference.gram(J.cpu().to(torch.float64)).to(G.dtype)
     if dtype == torch.float32:
         assert torch.equal(torch.isfinite(G), torch.isfinite(expected))
         finite = torch.isfinite(expected)
         assert torch.allclose(G[finite], expected[finite], rtol=1e-5, atol=0)
     else:
         assert_gram_close(G, J, dtype)
-    w = torch.tensor([0.5, -1.0, 2.0])
+    w = torch.tensor([0.5, -1.0, 2.0], device=device)
     assert_combine_close(ops.combine(J, w, backend=backend), J, w, dtype)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_strided_rows_and_non_contiguous_input(backend):
-    wide = random_matrix(6, 3000, torch.float32)
+@pytest.mark.parametrize("case", CASES)
+def test_strided_rows_and_non_contiguous_input(case):
+    device, backend = case
+    wide = random_matrix(6, 3000, torch.float32, device=device)
     J = wide[::2, 100:2100]  # row stride 6000, unit column stride: read in place
     assert J.stride() == (6000, 1)
     assert_gram_close(ops.gram(J, backend=backend), J, torch.float32)
-    w = torch.randn(3)
+    w = torch.randn(3, device=device)
     assert_combine_close(ops.combine(J, w, backend=backend), J, w, torch.float32)
-    Jt = random_matrix(700, 4, torch.float32).T  # column stride 4: copied, still correct
+    Jt = random_matrix(700, 4, torch.float32, device=device).T  # column stride 4: copied, still correct
     assert_gram_close(ops.gram(Jt, backend=backend), Jt, torch.float32)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_gram_and_combine_are_bitwise_deterministic(backend):
-    J = random_matrix(8, 70_001, torch.float32)
-    w = torch.randn(8)
+@pytest.mark.parametrize("case", CASES)
+def test_gram_and_combine_are_bitwise_deterministic(case):
+    device, backend = case
+    J = random_matrix(8, 70_001, torch.float32, device=device)
+    w = torch.randn(8, device=device)
     assert torch.equal(ops.gram(J, backend=backend), ops.gram(J, backend=backend))
     assert torch.equal(ops.combine(J, w, backend=backend), ops.combine(J, w, backend=backend))
 
@@ -151,18 +166,19 @@ def random_layout(total_segments=12, gap=True, generator=None):
     return offsets, numels, pos + 7
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_segment_moments_match_float64_reference(backend, dtype):
+def test_segment_moments_match_float64_reference(case, dtype):
+    device, backend = case
     offsets, numels, total = random_layout()
     x = (torch.randn(total, dtype=torch.float64) * 3 + 0.5).to(dtype)
-    m = ops.segment_moments(x, offsets, numels, backend=backend)
+    m = run_on(device, ops.segment_moments, x, offsets, numels, backend=backend)
     ref = reference.segment_moments(x.to(torch.float64), offsets, numels)
     assert m.dtype == reference.accumulation_dtype(dtype) and m.shape == (len(offsets), 2)
     abs_sum = torch.stack([x.to(torch.float64)[o : o + n].abs().sum() for o, n in zip(offsets.tolist(), numels.tolist())])
     assert ((m[:, 0].double() - ref[:, 0]).abs() <= ACC_TOL[dtype] * abs_sum + 1e-300).all()
     assert ((m[:, 1].double() - ref[:, 1]).abs() <= ACC_TOL[dtype] * ref[:, 1] + 1e-300).all()
-    assert torch.equal(m, ops.segment_moments(x, offsets, numels, backend=backend))
+    assert torch.equal(m, run_on(device, ops.segment_moments, x, offsets, numels, backend=backend))
 
 
 def test_segment_std_matches_tensor_std():
@@ -173,14 +189,15 @@ def test_segment_std_matches_tensor_std():
     assert std[1] == 0 and std[2] == 0  # defined (0), where Tensor.std() would give NaN
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_segment_scale_without_noise(backend, dtype):
+def test_segment_scale_without_noise(case, dtype):
+    device, backend = case
     offsets, numels, total = random_layout()
     x = torch.randn(total, dtype=torch.float64).to(dtype)
     scale = torch.randn(len(offsets), dtype=torch.float64)
     expected = reference.segment_scale_(x.clone().to(torch.float64), offsets, numels, scale)
-    out = ops.segment_scale_(x.clone(), offsets, numels, scale, backend=backend)
+    out = run_on(device, ops.segment_scale_, x.clone(), offsets, numels, scale, backend=backend)
     bound = OUT_TOL[dtype] * expected.abs() + 1e-300
     assert ((out.double() - expected).abs() <= bound).all()
     # Elements outside every segment are untouched.
@@ -190,21 +207,22 @@ def test_segment_scale_without_noise(backend, dtype):
     assert torch.equal(out[~inside], x[~inside])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7])
-def test_segment_scale_noise_matches_philox_reference(backend, seed):
+def test_segment_scale_noise_matches_philox_reference(case, seed):
+    device, backend = case
     offsets, numels, total = random_layout()
     x = torch.randn(total, dtype=torch.float32)
     scale = torch.rand(len(offsets))
     std = torch.rand(len(offsets)) * 2
-    out = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed, backend=backend)
+    out = run_on(device, ops.segment_scale_, x.clone(), offsets, numels, scale, std, seed, backend=backend)
     expected = reference.segment_scale_(
         x.double(), offsets, numels, scale.double(), std.double(), torch.tensor([seed])
     )
     assert ((out.double() - expected).abs() <= 1e-5 * (1 + expected.abs())).all()
-    again = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed, backend=backend)
+    again = run_on(device, ops.segment_scale_, x.clone(), offsets, numels, scale, std, seed, backend=backend)
     assert torch.equal(out, again)
-    other_seed = ops.segment_scale_(x.clone(), offsets, numels, scale, std, seed + 1, backend=backend)
+    other_seed = run_on(device, ops.segment_scale_, x.clone(), offsets, numels, scale, std, seed + 1, backend=backend)
     assert not torch.equal(out, other_seed)
 
 
@@ -214,15 +232,16 @@ def test_philox_noise_is_standard_normal():
     assert abs((z.abs() > 2).double().mean().item() - 0.0455) < 0.003
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_segment_lerp(backend, dtype):
+def test_segment_lerp(case, dtype):
+    device, backend = case
     offsets, numels, total = random_layout()
     x = torch.randn(total, dtype=torch.float64).to(dtype)
     y = torch.randn(total, dtype=torch.float64).to(dtype)
     weight = torch.rand(len(offsets), dtype=torch.float64)
     expected = reference.segment_lerp_(x.to(torch.float64, copy=True), y.double(), offsets, numels, weight)
-    out = ops.segment_lerp_(x.clone(), y, offsets, numels, weight, backend=backend)
+    out = run_on(device, ops.segment_lerp_, x.clone(), y, offsets, numels, weight, backend=backend)
     bound = OUT_TOL[dtype] * (x.double().abs() + y.double().abs()) + 1e-300
     assert ((out.double() - expected).abs() <= bound).all()
 
@@ -230,20 +249,22 @@ def test_segment_lerp(backend, dtype):
 # --- torch.library contract -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_every_op(backend):
-    J = torch.randn(3, 257)
-    w = torch.randn(3)
-    offsets, numels = ops.table([100, 0, 150])
-    x = torch.randn(250)
-    y = torch.randn(250)
-    seed = torch.tensor([3])
+@pytest.mark.parametrize("case", CASES)
+def test_opcheck_every_op(case):
+    device, backend = case
+    J = torch.randn(3, 257, device=device)
+    w = torch.randn(3, device=device)
+    offsets, numels = ops.table([100, 0, 150], device)
+    x = torch.randn(250, device=device)
+    y = torch.randn(250, device=device)
+    seed = torch.tensor([3], device=device)
+    scale, std = torch.rand(3, device=device), torch.rand(3, device=device)
     cases = [
         (torch.ops.mmgrad.gram.default, (J, backend)),
         (torch.ops.mmgrad.combine.default, (J, w, backend)),
         (torch.ops.mmgrad.segment_moments.default, (x, offsets, numels, backend)),
-        (torch.ops.mmgrad.segment_scale_.default, (x, offsets, numels, torch.rand(3), torch.rand(3), seed, backend)),
-        (torch.ops.mmgrad.segment_lerp_.default, (x, y, offsets, numels, torch.rand(3), backend)),
+        (torch.ops.mmgrad.segment_scale_.default, (x, offsets, numels, scale, std, seed, backend)),
+        (torch.ops.mmgrad.segment_lerp_.default, (x, y, offsets, numels, scale, backend)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

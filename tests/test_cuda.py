@@ -1,0 +1,82 @@
+"""CUDA-only guarantees of the default (Triton) backend: no host synchronisation, CUDA-graph
+capture with fresh noise per replay, and agreement with the C++/reference results. The numerical
+comparisons on CUDA tensors live in test_ops.py (cases cuda-*)."""
+
+import pytest
+import torch
+
+from mmgrad import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _inputs():
+    torch.manual_seed(0)
+    J = torch.randn(8, 1_000_003, device="cuda")
+    w = torch.randn(8, device="cuda")
+    offsets, numels = ops.table([5000, 0, 1, 300_000, 694_997], "cuda")
+    x = torch.randn(1_000_003, device="cuda")
+    y = torch.randn(1_000_003, device="cuda")
+    scale = torch.rand(5, device="cuda")
+    seed = torch.tensor([11], device="cuda")
+    return J, w, offsets, numels, x, y, scale, seed
+
+
+def _all_ops(J, w, offsets, numels, x, y, scale, seed):
+    G = ops.gram(J)
+    out = ops.combine(J, w)
+    m = ops.segment_moments(x, offsets, numels)
+    std = ops.segment_std(m, numels)
+    ops.segment_scale_(x, offsets, numels, scale, std, seed)
+    ops.segment_lerp_(x, y, offsets, numels, scale)
+    return G, out, m
+
+
+def test_default_backend_on_cuda_is_triton():
+    assert ops.resolve_backend(torch.device("cuda")) == "triton"
+
+
+def test_every_op_is_sync_free():
+    args = _inputs()
+    _all_ops(*args)  # compile the kernels first: compilation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _all_ops(*args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_every_op_is_capturable_in_a_cuda_graph_with_fresh_noise_per_replay():
+    args = _inputs()
+    J, w, offsets, numels, x, y, scale, seed = args
+    _all_ops(*args)
+    torch.cuda.synchronize()
+    x0 = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        G, out, m = _all_ops(*args)
+        seed.add_(1)  # next replay draws new noise
+    results = []
+    for _ in range(2):
+        x.copy_(x0)
+        graph.replay()
+        torch.cuda.synchronize()
+        results.append(x.clone())
+        assert torch.equal(G, ops.gram(J)) and torch.equal(out, ops.combine(J, w))
+    assert not torch.equal(results[0], results[1])
+
+
+def test_bitwise_deterministic_on_cuda():
+    J, w, offsets, numels, x, *_ = _inputs()
+    assert torch.equal(ops.gram(J), ops.gram(J))
+    assert torch.equal(ops.combine(J, w), ops.combine(J, w))
+    assert torch.equal(ops.segment_moments(x, offsets, numels), ops.segment_moments(x, offsets, numels))
+
+
+def test_cuda_matches_cpu_reference_on_large_rows():
+    J, w, offsets, numels, x, *_ = _inputs()
+    G64 = J.double().cpu() @ J.double().cpu().T
+    d = G64.diagonal().sqrt()
+    assert ((ops.gram(J).double().cpu() - G64).abs() <= 1e-5 * torch.outer(d, d)).all()
