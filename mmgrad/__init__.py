@@ -5,9 +5,29 @@ are used when present, and the pure-PyTorch reference serves otherwise (``python
 says which backends are available and why the others are not).
 """
 
-from mmgrad import ops, reference
+from mmgrad import aggregators, methods, ops, reference
+from mmgrad.aggregators import aggregate, weights
 from mmgrad.buffers import FlatGradBuffer, SegmentTable, flat_grad_buffers
+from mmgrad.methods import OGM, OGMGE, MMPareto, MultiObjective
+from mmgrad.optim import BalancedOptimizer, NonFiniteGradientError
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "reference", "FlatGradBuffer", "SegmentTable", "flat_grad_buffers", "__version__"]
+__all__ = [
+    "ops",
+    "reference",
+    "aggregators",
+    "methods",
+    "aggregate",
+    "weights",
+    "BalancedOptimizer",
+    "NonFiniteGradientError",
+    "OGM",
+    "OGMGE",
+    "MMPareto",
+    "MultiObjective",
+    "FlatGradBuffer",
+    "SegmentTable",
+    "flat_grad_buffers",
+    "__version__",
+]

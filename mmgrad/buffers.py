@@ -121,6 +121,22 @@ class FlatGradBuffer:
         ]
         self.bind(0)
 
+    def resize_rows(self, rows: int) -> None:
+        """Change the number of rows, keeping the rows that remain (new rows are zero). Existing
+        views of removed rows become stale; the active row is rebound (row 0 if it was removed)."""
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        if rows == self.rows:
+            return
+        data = torch.zeros(rows, self.numel, dtype=self.dtype, device=self.device)
+        keep = min(rows, self.rows)
+        data[:keep].copy_(self.data[:keep])
+        for p in self.params:  # drop the old views so bind() does not fold them in again
+            p.grad = None
+        self.data, self.rows = data, rows
+        self._views = [self._make_views(r) for r in range(rows)]
+        self.bind(self.active_row if self.active_row < rows else 0)
+
     def _mark_received(self, index: int):
         def hook(_param):
             self._received.add(index)

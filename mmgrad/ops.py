@@ -34,6 +34,8 @@ __all__ = [
     "segment_moments",
     "segment_sumsq",
     "segment_std",
+    "segment_gram",
+    "segment_combine_",
     "segment_scale_",
     "segment_lerp_",
 ]
@@ -120,6 +122,14 @@ class _CppBackend:
         return torch.ops.mmgrad_C.segment_moments(x, offsets, numels)
 
     @staticmethod
+    def segment_gram(J, offsets, numels):
+        return torch.ops.mmgrad_C.segment_gram(J, offsets, numels)
+
+    @staticmethod
+    def segment_combine_(out, J, offsets, numels, weights):
+        torch.ops.mmgrad_C.segment_combine_(out, J, offsets, numels, weights)
+
+    @staticmethod
     def segment_scale_(x, offsets, numels, scale, noise_std=None, seed=None):
         torch.ops.mmgrad_C.segment_scale_(x, offsets, numels, scale, noise_std, seed)
 
@@ -172,6 +182,31 @@ def _segment_moments_op(
 @_segment_moments_op.register_fake
 def _(x, offsets, numels, backend=None):
     return x.new_empty((offsets.shape[0], 2), dtype=reference.accumulation_dtype(x.dtype))
+
+
+@torch.library.custom_op("mmgrad::segment_gram", mutates_args=())
+def _segment_gram_op(
+    J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, backend: Optional[str] = None
+) -> torch.Tensor:
+    return _implementation(J.device, backend).segment_gram(J, offsets, numels)
+
+
+@_segment_gram_op.register_fake
+def _(J, offsets, numels, backend=None):
+    K = J.shape[0]
+    return J.new_empty((offsets.shape[0], K, K), dtype=reference.accumulation_dtype(J.dtype))
+
+
+@torch.library.custom_op("mmgrad::segment_combine_", mutates_args=("out",))
+def _segment_combine_op(
+    out: torch.Tensor,
+    J: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    weights: torch.Tensor,
+    backend: Optional[str] = None,
+) -> None:
+    _implementation(J.device, backend).segment_combine_(out, J, offsets, numels, weights)
 
 
 @torch.library.custom_op("mmgrad::segment_scale_", mutates_args=("x",))
@@ -238,15 +273,19 @@ def combine(J: torch.Tensor, w: torch.Tensor, *, backend: Optional[str] = None) 
     return _combine_op(J, w, backend)
 
 
+def _check_table(offsets: torch.Tensor, numels: torch.Tensor, device: torch.device):
+    if offsets.shape != numels.shape or offsets.dim() != 1:
+        raise ValueError("offsets and numels must be 1-D tensors of equal length")
+    if offsets.device != device or numels.device != device:
+        raise ValueError(f"the segment table must be on {device}, like the data")
+    return offsets.to(torch.int64).contiguous(), numels.to(torch.int64).contiguous()
+
+
 def _check_segments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, what: str = "x"):
     if x.dim() != 1 or not x.is_contiguous():
         raise ValueError(f"{what} must be a contiguous 1-D buffer, got shape {tuple(x.shape)}")
     _check_float(x, what)
-    if offsets.shape != numels.shape or offsets.dim() != 1:
-        raise ValueError("offsets and numels must be 1-D tensors of equal length")
-    if offsets.device != x.device or numels.device != x.device:
-        raise ValueError(f"the segment table must be on {x.device}, like {what}")
-    return offsets.to(torch.int64).contiguous(), numels.to(torch.int64).contiguous()
+    return _check_table(offsets, numels, x.device)
 
 
 def _per_segment(v: torch.Tensor, x: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -283,6 +322,39 @@ def segment_std(moments: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
     centred = moments[:, 1] - moments[:, 0] * moments[:, 0] / n.clamp_min(1)
     var = centred.clamp_min(0) / (n - 1).clamp_min(1)
     return torch.where(n > 1, var.sqrt(), torch.zeros_like(var))
+
+
+def segment_gram(
+    J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, *, backend: Optional[str] = None
+) -> torch.Tensor:
+    """Per-segment Gram matrices ``J[:, seg] @ J[:, seg].T`` of the column segments of ``J``,
+    shape (S, K, K), in one pass over ``J``; the per-tensor norms of any combination ``a @ J`` are
+    ``a @ G[s] @ a``."""
+    J = _check_matrix(J)
+    offsets, numels = _check_table(offsets, numels, J.device)
+    return _segment_gram_op(J, offsets, numels, backend)
+
+
+def segment_combine_(
+    out: torch.Tensor,
+    J: torch.Tensor,
+    offsets: torch.Tensor,
+    numels: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """In place ``out[seg s] = weights[s] @ J[:, seg s]`` (per-segment weights, shape (S, K)) in one
+    pass; ``out`` may be a row of ``J``. Returns ``out``."""
+    J = _check_matrix(J)
+    offsets, numels = _check_segments(out, offsets, numels, "out")
+    if out.dtype != J.dtype or out.shape != (J.shape[1],):
+        raise ValueError(f"out must be a ({J.shape[1]},) buffer of J's dtype {J.dtype}")
+    if weights.shape != (offsets.shape[0], J.shape[0]):
+        raise ValueError(f"weights must have shape ({offsets.shape[0]}, {J.shape[0]}), got {tuple(weights.shape)}")
+    weights = weights.to(device=J.device, dtype=reference.accumulation_dtype(J.dtype)).contiguous()
+    _segment_combine_op(out, J, offsets, numels, weights, backend)
+    return out
 
 
 def segment_scale_(

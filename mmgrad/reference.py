@@ -33,6 +33,8 @@ __all__ = [
     "gram",
     "combine",
     "segment_moments",
+    "segment_gram",
+    "segment_combine_",
     "segment_scale_",
     "segment_lerp_",
     "philox4x32",
@@ -82,6 +84,40 @@ def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor
         seg = x[start : start + n].to(acc)
         out[s, 0] = seg.sum()
         out[s, 1] = (seg * seg).sum()
+    return out
+
+
+def segment_gram(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Per-segment Gram matrices of the rows of ``J`` (K, P): ``out[s] = J[:, seg] @ J[:, seg].T``,
+    shape (S, K, K), in :func:`accumulation_dtype`. Segments are column ranges of ``J``.
+
+    Per-tensor norms of any linear combination ``a @ J`` follow as ``a @ out[s] @ a``, so a method
+    that rescales each tensor of a combined gradient (MMPareto) needs one pass over ``J``.
+    """
+    acc = accumulation_dtype(J.dtype)
+    K = J.shape[0]
+    out = torch.zeros(offsets.numel(), K, K, dtype=acc, device=J.device)
+    for s, (start, n) in enumerate(_segments(offsets, numels)):
+        block = J[:, start : start + n].to(acc)
+        out[s] = block @ block.T
+    return out
+
+
+def segment_combine_(
+    out: torch.Tensor, J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """In place: ``out[seg s] = weights[s] @ J[:, seg s]`` with per-segment weights (S, K),
+    accumulated in :func:`accumulation_dtype` and stored in ``out``'s dtype (``J``'s).
+
+    ``out`` may be a row of ``J``: every element reads its column of ``J`` before it is written.
+    Elements outside every segment are left alone.
+    """
+    acc = accumulation_dtype(J.dtype)
+    weights = weights.to(acc)
+    for s, (start, n) in enumerate(_segments(offsets, numels)):
+        if n == 0:
+            continue
+        out[start : start + n].copy_(weights[s] @ J[:, start : start + n].to(acc))
     return out
 
 

@@ -246,6 +246,42 @@ def test_segment_lerp(case, dtype):
     assert ((out.double() - expected).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1, 2, 3, 8])
+def test_segment_gram_matches_float64_reference(case, dtype, K):
+    device, backend = case
+    offsets, numels, total = random_layout()
+    J = random_matrix(K, total, dtype)
+    G = run_on(device, ops.segment_gram, J, offsets, numels, backend=backend)
+    ref = reference.segment_gram(J.double(), offsets, numels)
+    assert G.dtype == reference.accumulation_dtype(dtype) and G.shape == (len(offsets), K, K)
+    d = ref.diagonal(dim1=1, dim2=2).sqrt()
+    bound = ACC_TOL[dtype] * d[:, :, None] * d[:, None, :] + 1e-300
+    assert ((G.double() - ref).abs() <= bound).all()
+    assert torch.equal(G, run_on(device, ops.segment_gram, J, offsets, numels, backend=backend))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K", [1, 2, 5])
+@pytest.mark.parametrize("into_row", [False, True], ids=["separate_out", "out_is_row_0"])
+def test_segment_combine_matches_float64_reference(case, dtype, K, into_row):
+    device, backend = case
+    offsets, numels, total = random_layout()
+    J = random_matrix(K, total, dtype, device=device)
+    W = torch.randn(len(offsets), K, dtype=torch.float64)
+    J_before = J.cpu().double()
+    out = J[0] if into_row else torch.full((total,), 7.0, dtype=dtype, device=device)
+    out_before = out.cpu().double()
+    ops.segment_combine_(out, J, offsets.to(device), numels.to(device), W.to(device), backend=backend)
+    expected = reference.segment_combine_(out_before.clone(), J_before, offsets, numels, W)
+    bound = torch.zeros(total, dtype=torch.float64)
+    for s, (o, n) in enumerate(zip(offsets.tolist(), numels.tolist())):
+        bound[o : o + n] = W[s].abs() @ J_before[:, o : o + n].abs()
+    assert ((out.cpu().double() - expected).abs() <= OUT_TOL[dtype] * bound + 1e-300).all()
+
+
 # --- torch.library contract -------------------------------------------------------------------
 
 
@@ -263,6 +299,8 @@ def test_opcheck_every_op(case):
         (torch.ops.mmgrad.gram.default, (J, backend)),
         (torch.ops.mmgrad.combine.default, (J, w, backend)),
         (torch.ops.mmgrad.segment_moments.default, (x, offsets, numels, backend)),
+        (torch.ops.mmgrad.segment_gram.default, (J[:, :250], offsets, numels, backend)),
+        (torch.ops.mmgrad.segment_combine_.default, (y, J[:, :250], offsets, numels, torch.randn(3, 3, device=device), backend)),
         (torch.ops.mmgrad.segment_scale_.default, (x, offsets, numels, scale, std, seed, backend)),
         (torch.ops.mmgrad.segment_lerp_.default, (x, y, offsets, numels, scale, backend)),
     ]

@@ -1,0 +1,133 @@
+"""What a balancing method sees and implements.
+
+A :class:`~mmgrad.BalancedOptimizer` lays the modality parameters out in one flat gradient buffer,
+modality after modality, and describes it with a :class:`ModalityLayout`. A method decides how many
+buffer rows it needs (one per objective it keeps apart), runs the backward pass(es) of a
+micro-batch into those rows (:meth:`BalancingMethod.backward`), and at ``step()`` rewrites the
+gradient row the parameters' ``.grad`` point at (:meth:`BalancingMethod.edit`) with the fused ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from mmgrad.buffers import FlatGradBuffer, SegmentTable
+
+
+@dataclass
+class ModalityLayout:
+    """The flat buffer of the modality parameters and how it splits by modality and by tensor.
+
+    ``buffer.data`` is (rows, P); modality ``m`` owns columns ``spans[m] = (start, end)``; segment
+    ``s`` (one per parameter tensor, in buffer order) belongs to modality ``segment_modality[s]``.
+    """
+
+    names: list[str]
+    buffer: FlatGradBuffer
+    spans: list[tuple[int, int]]
+    segment_modality: torch.Tensor  # (S,) int64 on the buffer's device
+    segment_modality_host: list[int]
+    param_names: list[str] = field(default_factory=list)
+
+    @property
+    def segments(self) -> SegmentTable:
+        return self.buffer.segments
+
+    @property
+    def device(self) -> torch.device:
+        return self.buffer.device
+
+    def select(self, keep: Sequence[bool]) -> tuple[SegmentTable, torch.Tensor]:
+        """The segments flagged in ``keep`` and their modality indices (device tensor)."""
+        idx = [i for i, k in enumerate(keep) if k]
+        mods = torch.tensor([self.segment_modality_host[i] for i in idx], dtype=torch.int64, device=self.device)
+        return self.segments.select(idx), mods
+
+    def per_modality_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum per-segment values (S, ...) into per-modality values (M, ...), on the device."""
+        out = values.new_zeros((len(self.names),) + tuple(values.shape[1:]))
+        return out.index_add_(0, self.segment_modality, values)
+
+
+class BalancingMethod:
+    """Base class of the gradient-editing methods.
+
+    Subclasses set :attr:`rows` and override :meth:`backward` and :meth:`edit`. Methods keep every
+    per-step quantity on the device (no ``.item()``); what they want to report goes into the dict
+    :meth:`edit` returns (the optimizer's ``diagnostics``).
+    """
+
+    #: Buffer rows the method needs (objectives it keeps apart).
+    rows: int = 1
+    #: Row the parameters' ``.grad`` point at when ``edit`` returns.
+    result_row: int = 0
+    #: True when ``edit`` returns ``diagnostics["finite"]``: a device bool, every entry of the rows
+    #: was finite, read off statistics the method computes anyway (norms, Gram diagonals). Such a
+    #: method must leave its own state unchanged when the flag is false. Otherwise the optimizer
+    #: checks the rows with a pass of its own before ``edit``.
+    reports_finite: bool = False
+
+    def __init__(self) -> None:
+        self.layout: Optional[ModalityLayout] = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+
+    def attach(self, layout: ModalityLayout) -> None:
+        """Called once by the optimizer when the buffer exists; precompute device tables here."""
+        self.layout = layout
+
+    # --- per micro-batch --------------------------------------------------------------------------
+
+    def backward(self, optimizer, loss, **batch) -> None:
+        """Run the backward pass(es) of one micro-batch into the buffer rows; the default sums the
+        losses (a tensor, a list or a dict) and back-propagates them into row 0."""
+        total = _sum_losses(loss)
+        optimizer._buffer.bind(0)
+        total.backward()
+
+    # --- per step ---------------------------------------------------------------------------------
+
+    def edit(self, context: "StepContext") -> dict[str, torch.Tensor]:
+        """Rewrite the gradient rows in place; return diagnostics (device tensors)."""
+        raise NotImplementedError
+
+
+    # --- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        pass
+
+    def reset(self) -> None:
+        """Forget every running statistic (between runs, or after re-initialising the model)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+@dataclass
+class StepContext:
+    """What :meth:`BalancingMethod.edit` gets at ``step()``."""
+
+    layout: ModalityLayout
+    epoch: int
+    step: int
+    # Multiplies rows that are still loss-scaled (GradScaler) to unscale them; 1 otherwise.
+    row_scale: torch.Tensor
+
+
+def _sum_losses(loss) -> torch.Tensor:
+    if isinstance(loss, torch.Tensor):
+        return loss
+    values = list(loss.values()) if isinstance(loss, Mapping) else list(loss)
+    if not values:
+        raise ValueError("no loss to back-propagate")
+    total = values[0]
+    for v in values[1:]:
+        total = total + v
+    return total

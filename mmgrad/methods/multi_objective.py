@@ -1,0 +1,89 @@
+"""Generic multi-objective mode: K losses, any aggregator, on the shared parameters.
+
+``opt.backward([loss_1, ..., loss_K])`` (or a dict) runs one backward pass per loss into row k of
+the flat buffer of the shared parameters; ``step()`` computes the K x K Gram matrix (one pass),
+the aggregator's weights (on the device) and writes ``w @ J`` into row 0 (one pass). Parameters
+outside the shared set receive the plain sum of the losses' gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from mmgrad import ops
+from mmgrad.methods.base import BalancingMethod, StepContext
+
+
+class MultiObjective(BalancingMethod):
+    """Aggregate the gradients of K objectives with ``aggregator`` (a name from
+    ``mmgrad.aggregators.NAMES`` or an aggregator object, built with ``options``). K is taken from
+    the first ``backward`` call (the buffer grows to K rows once) and must stay the same."""
+
+    result_row = 0
+    reports_finite = True
+
+    def __init__(self, aggregator="upgrad", **options):
+        super().__init__()
+        from mmgrad import aggregators
+
+        self.aggregator = aggregators.get(aggregator, **options) if isinstance(aggregator, str) else aggregator
+        if not callable(self.aggregator):
+            raise TypeError(f"aggregator must be a name or an aggregator object, got {aggregator!r}")
+        self.rows = 1
+        self._objectives = None
+
+    def attach(self, layout) -> None:
+        super().attach(layout)
+        self._whole = ops.table([layout.segments.total], layout.device)
+
+    def backward(self, optimizer, loss, **_) -> None:
+        losses = list(loss.values()) if isinstance(loss, Mapping) else list(loss) if not isinstance(loss, torch.Tensor) else [loss]
+        buffer = optimizer._buffer
+        if self._objectives is None:
+            if not losses:
+                raise ValueError("backward() needs at least one loss")
+            self._objectives = self.rows = len(losses)
+            buffer.resize_rows(self.rows)
+        elif len(losses) != self._objectives:
+            raise ValueError(f"got {len(losses)} losses; this optimizer aggregates {self._objectives} objectives")
+        for k, l in enumerate(losses):
+            buffer.bind(k)
+            l.backward(retain_graph=k + 1 < len(losses))
+
+    def edit(self, context: StepContext) -> dict:
+        buffer = self.layout.buffer
+        J = buffer.data
+        # Rows other than the last bound one may still carry a GradScaler's scale.
+        scale = torch.full((self.rows,), 1.0, device=J.device) * context.row_scale
+        scale[buffer.active_row] = 1.0
+        G = ops.gram(J) * scale[:, None] * scale[None, :]
+        finite = torch.isfinite(G).all()
+        if getattr(self.aggregator, "gramian_based", True):
+            w = self.aggregator.weights(G).to(G.dtype) * scale
+            # w @ J straight into row 0 (every element reads its column before it is written).
+            ops.segment_combine_(buffer.row(0), J, self._whole[0], self._whole[1], w[None, :])
+        else:  # GradDrop: elementwise, needs the unscaled rows themselves
+            J.mul_(scale[:, None].to(J.dtype))
+            buffer.row(0).copy_(self.aggregator(J))
+            w = None
+        diagnostics = {"finite": finite, "gram": G}
+        if w is not None:
+            diagnostics["weights"] = w
+        return diagnostics
+
+    def state_dict(self) -> dict:
+        sd = getattr(self.aggregator, "state_dict", None)
+        return {"aggregator": sd() if sd else {}}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(state["aggregator"])
+
+    def reset(self) -> None:
+        if hasattr(self.aggregator, "reset"):
+            self.aggregator.reset()
+
+    def __repr__(self) -> str:
+        return f"MultiObjective({self.aggregator!r}, num_objectives={self.rows})"

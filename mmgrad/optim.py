@@ -1,0 +1,300 @@
+"""``BalancedOptimizer``: the gradient-editing methods behind the torch.optim interface."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from mmgrad.buffers import FlatGradBuffer
+from mmgrad.methods.base import BalancingMethod, ModalityLayout, StepContext
+
+__all__ = ["BalancedOptimizer", "NonFiniteGradientError"]
+
+ParamSource = Union[nn.Module, Iterable[torch.nn.Parameter], torch.nn.Parameter]
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``step()`` under ``nonfinite="raise"`` when a gradient holds inf or NaN."""
+
+
+def _params_of(source: ParamSource) -> list[torch.nn.Parameter]:
+    if isinstance(source, nn.Module):
+        return [p for p in source.parameters() if p.requires_grad]
+    if isinstance(source, torch.Tensor):
+        return [source]
+    return [p for p in source]
+
+
+class BalancedOptimizer(torch.optim.Optimizer):
+    """Wraps any ``torch.optim.Optimizer`` and edits the modality gradients before each step.
+
+    Args:
+        optimizer: the optimizer that updates the parameters (SGD, Adam, AdamW, ...). Its
+            ``param_groups`` and ``state`` are shared, not copied: LR schedulers and
+            ``torch.amp.GradScaler`` work on this wrapper as on the wrapped optimizer.
+        modalities: ``{name: module or parameters}``, one entry per modality encoder. Every
+            parameter must belong to at most one modality and be owned by ``optimizer``.
+        method: a :class:`~mmgrad.methods.BalancingMethod` (``mmgrad.OGMGE(alpha=0.8)``,
+            ``mmgrad.MMPareto()``, ...), or an aggregator (name or object from
+            :mod:`mmgrad.aggregators`) for the multi-objective mode.
+        shared: multi-objective mode: the parameters shared by all objectives (instead of
+            ``modalities``); ``backward([loss_1, ..., loss_K])`` then aggregates their K gradients
+            with the aggregator given as ``method``.
+        nonfinite: ``"skip"`` (default) leaves parameters and optimizer state untouched on a step
+            whose gradients hold inf/NaN; ``"raise"`` raises :class:`NonFiniteGradientError`. The
+            check reads one flag on the host per step unless the wrapped optimizer is a fused one
+            (``fused=True``), which skips on the device.
+        grad_scaler: the ``torch.amp.GradScaler`` in use, if any, so that gradient rows kept apart
+            from ``.grad`` are unscaled like ``.grad`` (multi-row methods need it).
+
+    Usage::
+
+        opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=2e-3, momentum=0.9),
+                                       modalities={"audio": model.audio, "visual": model.visual},
+                                       method=mmgrad.OGMGE(alpha=0.8))
+        opt.zero_grad()
+        opt.backward(loss, logits={"audio": la, "visual": lv}, targets=y)
+        opt.step()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        modalities: Optional[Mapping[str, ParamSource]] = None,
+        method: Any = None,
+        *,
+        shared: Optional[ParamSource] = None,
+        nonfinite: str = "skip",
+        grad_scaler: Optional["torch.amp.GradScaler"] = None,
+    ):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, BalancedOptimizer):
+            raise TypeError("optimizer is already a BalancedOptimizer; wrap the inner optimizer once")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if (modalities is None) == (shared is None):
+            raise ValueError("give exactly one of modalities={name: module or params} or shared=params")
+        if shared is not None:
+            from mmgrad.methods.multi_objective import MultiObjective
+
+            modalities = {"shared": shared}
+            method = MultiObjective(method if method is not None else "upgrad")
+        elif method is None:
+            raise ValueError("method is required, e.g. method=mmgrad.OGMGE(alpha=0.8)")
+        elif not isinstance(method, BalancingMethod):
+            from mmgrad.methods.multi_objective import MultiObjective
+
+            method = MultiObjective(method)
+        self.optimizer = optimizer
+        self.method: BalancingMethod = method
+        self.nonfinite = nonfinite
+        self.grad_scaler = grad_scaler
+        self.epoch = 0
+        self.diagnostics: dict[str, torch.Tensor] = {}
+        self._step_count = 0
+        self._warned_no_grad: set[str] = set()
+
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        layout = self._build_layout(modalities, owned)
+        # torch.optim.Optimizer.__init__ installs the hook machinery (step pre/post hooks,
+        # profiling); the groups and state are then replaced by the wrapped optimizer's own.
+        super().__init__([p for g in optimizer.param_groups for p in g["params"]], dict(optimizer.defaults))
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+        self._layout = layout
+        self._buffer = layout.buffer
+        self.method.attach(layout)
+
+    # --- construction ---------------------------------------------------------------------------
+
+    def _build_layout(self, modalities: Mapping[str, ParamSource], owned: set) -> ModalityLayout:
+        if not modalities:
+            raise ValueError("modalities is empty: name at least one modality and its parameters")
+        names, params, seg_mod, param_names, spans = [], [], [], [], []
+        seen: dict[int, str] = {}
+        start = 0
+        for m_index, (name, source) in enumerate(modalities.items()):
+            ps = _params_of(source)
+            if not ps:
+                raise ValueError(f"modality {name!r} has no trainable parameters")
+            named = dict()
+            if isinstance(source, nn.Module):
+                named = {id(p): n for n, p in source.named_parameters()}
+            for p in ps:
+                if not isinstance(p, torch.Tensor) or not p.requires_grad:
+                    raise ValueError(f"modality {name!r} lists a tensor that does not require grad")
+                if id(p) in seen:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(p.shape)} is in both modality {seen[id(p)]!r} and {name!r}; "
+                        "each parameter may belong to one modality only"
+                    )
+                if id(p) not in owned:
+                    raise ValueError(
+                        f"a parameter of modality {name!r} (shape {tuple(p.shape)}) is not in the wrapped "
+                        "optimizer's param_groups; pass the same parameters to both"
+                    )
+                if p.is_sparse:
+                    raise ValueError(f"modality {name!r} has a sparse parameter; sparse gradients are not supported")
+                seen[id(p)] = name
+                params.append(p)
+                seg_mod.append(m_index)
+                param_names.append(f"{name}.{named.get(id(p), len(param_names))}")
+            end = start + sum(p.numel() for p in ps)
+            spans.append((start, end))
+            start = end
+            names.append(name)
+        for module_source in modalities.values():
+            if isinstance(module_source, nn.Module):
+                for mod in module_source.modules():
+                    if isinstance(mod, (nn.Embedding, nn.EmbeddingBag)) and getattr(mod, "sparse", False):
+                        raise ValueError("a modality has an embedding with sparse=True; sparse gradients are not supported")
+        buffer = FlatGradBuffer(params, rows=self._rows_needed())
+        segment_modality = torch.tensor(seg_mod, dtype=torch.int64, device=buffer.device)
+        return ModalityLayout(names, buffer, spans, segment_modality, seg_mod, param_names)
+
+    def _rows_needed(self) -> int:
+        return self.method.rows
+
+    # --- the training-loop interface --------------------------------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the method which epoch runs now (for modulation windows and warm-ups)."""
+        self.epoch = int(epoch)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every gradient; the modality gradients stay views of the flat buffer."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        self._buffer.zero_()
+
+    def backward(self, loss, **batch) -> None:
+        """Back-propagate one micro-batch the way the method needs (one or several passes into the
+        buffer rows). ``loss`` is a tensor, or a list / dict of losses for multi-objective methods;
+        ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
+        micro-batch; gradients accumulate until ``step()``."""
+        self.method.backward(self, loss, **batch)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Edit the gradients with the method, then step the wrapped optimizer (skipped when a
+        gradient is not finite and ``nonfinite="skip"``). Returns the closure's loss, if any."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        buffer = self._buffer
+        if not buffer.is_bound():
+            buffer.bind(buffer.active_row)  # fold in gradients a plain loss.backward() left elsewhere
+        self._warn_modalities_without_grad()
+        row_scale = self._row_scale()
+        context = StepContext(self._layout, self.epoch, self._step_count, row_scale)
+        finite = self._others_finite()
+        if not self.method.reports_finite:
+            finite = finite & torch.isfinite(buffer.data).all()  # an extra read of the rows
+        self.diagnostics = self.method.edit(context)
+        if self.method.reports_finite:
+            finite = finite & self.diagnostics["finite"]
+        if self.method.result_row != buffer.active_row:
+            buffer.bind(self.method.result_row)
+        self._inner_step(finite)
+        self._step_count += 1
+        return loss
+
+    # --- step internals ---------------------------------------------------------------------------
+
+    def _row_scale(self) -> torch.Tensor:
+        one = torch.ones((), device=self._buffer.device, dtype=torch.float32)
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return one
+        # GradScaler.scale() of a one is the current scale as a device tensor (no host sync).
+        return 1.0 / self.grad_scaler.scale(one)
+
+    def _others_finite(self) -> torch.Tensor:
+        """Device bool: the gradients outside the flat buffer (heads, ...) are all finite."""
+        ours = self._buffer.data.untyped_storage().data_ptr()
+        others = [
+            p.grad
+            for g in self.param_groups
+            for p in g["params"]
+            if p.grad is not None and p.grad.untyped_storage().data_ptr() != ours
+        ]
+        if not others:
+            return torch.ones((), dtype=torch.bool, device=self._buffer.device)
+        norms = torch.stack([n.to(self._buffer.device) for n in torch._foreach_norm(others)])
+        return torch.isfinite(norms).all()
+
+    def _inner_step(self, finite: torch.Tensor) -> None:
+        opt = self.optimizer
+        unused = self._buffer.params_without_grad()
+        saved = [(self._buffer.params[i], self._buffer.params[i].grad) for i in unused]
+        for p, _ in saved:  # as without mmgrad: a parameter no backward reached has no gradient
+            p.grad = None
+        try:
+            if getattr(opt, "_step_supports_amp_scaling", False):
+                # Fused optimizers skip on the device when found_inf is non-zero: no host sync.
+                opt.found_inf = (~finite).to(torch.float32)
+                opt.grad_scale = None
+                try:
+                    opt.step()
+                finally:
+                    del opt.found_inf, opt.grad_scale
+                if self.nonfinite == "raise" and not bool(finite):
+                    raise NonFiniteGradientError("a gradient holds inf or NaN; the step was skipped")
+                return
+            if not bool(finite):  # one host read per step
+                if self.nonfinite == "raise":
+                    raise NonFiniteGradientError("a gradient holds inf or NaN; the step was skipped")
+                return
+            opt.step()
+        finally:
+            for p, g in saved:
+                p.grad = g
+
+    def _warn_modalities_without_grad(self) -> None:
+        unused = set(self._buffer.params_without_grad())
+        if not unused:
+            return
+        layout = self._layout
+        for m, name in enumerate(layout.names):
+            seg = [i for i, mod in enumerate(layout.segment_modality_host) if mod == m]
+            if seg and all(i in unused for i in seg) and name not in self._warned_no_grad:
+                self._warned_no_grad.add(name)
+                warnings.warn(
+                    f"modality {name!r} received no gradient in this step; its parameters are left as they are "
+                    "(warned once per modality)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    # --- torch.optim contract ---------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        # Before __init__ finishes, torch.optim.Optimizer.__init__ adds its own group; afterwards new
+        # groups go to the wrapped optimizer (whose param_groups list this wrapper shares).
+        if not hasattr(self, "_layout"):
+            return super().add_param_group(param_group)
+        self.optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "method": self.method.state_dict(),
+            "epoch": self.epoch,
+            "step": self._step_count,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.method.load_state_dict(state_dict["method"])
+        self.epoch = state_dict["epoch"]
+        self._step_count = state_dict["step"]
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{n}: {e - s}" for n, (s, e) in zip(self._layout.names, self._layout.spans))
+        return f"BalancedOptimizer({type(self.optimizer).__name__}, method={self.method!r}, modalities={{{sizes}}})"
