@@ -23,13 +23,15 @@ _RATIOS = ("pairwise", "others_mean", "min")
 
 
 def confidence_scores(logits: Mapping[str, torch.Tensor], targets: torch.Tensor, names) -> torch.Tensor:
-    """``s_m = sum_i softmax(logits_m)[i, y_i]`` for each modality in ``names`` order, (M,) float32."""
+    """``s_m = sum_i softmax(logits_m)[i, y_i]`` for each modality in ``names`` order, (M,) float64
+    (the softmax runs in float32, or float64 for float64 logits)."""
     scores = []
     for name in names:
         if name not in logits:
             raise KeyError(f"logits has no entry for modality {name!r}; got {sorted(logits)}")
-        o = logits[name].detach().float()
-        scores.append(torch.softmax(o, dim=1).gather(1, targets.view(-1, 1)).sum())
+        o = logits[name].detach()
+        o = o.double() if o.dtype == torch.float64 else o.float()
+        scores.append(torch.softmax(o, dim=1).gather(1, targets.view(-1, 1)).sum().double())
     return torch.stack(scores)
 
 
@@ -136,7 +138,7 @@ class OGM(BalancingMethod):
             [i for i, k in enumerate(keep) if k], dtype=torch.int64, device=layout.device
         )
         self._seed = torch.tensor([self._initial_seed], dtype=torch.int64, device=layout.device)
-        self._scores = torch.zeros(len(layout.names), dtype=torch.float32, device=layout.device)
+        self._scores = torch.zeros(len(layout.names), dtype=torch.float64, device=layout.device)
 
     def backward(self, optimizer, loss, logits=None, targets=None, **_) -> None:
         if logits is None or targets is None:

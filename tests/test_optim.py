@@ -1,0 +1,256 @@
+"""The torch.optim contract of BalancedOptimizer: schedulers, GradScaler, closures, hooks,
+accumulation, state_dict round trips, non-finite policy and construction errors."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmgrad
+from test_methods import make
+
+
+def build(model, method=None, inner=None, **kwargs):
+    inner = inner or torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    method = method if method is not None else mmgrad.OGMGE(alpha=0.8, seed=3)
+    return mmgrad.BalancedOptimizer(inner, modalities=dict(model.encoders.items()), method=method, **kwargs)
+
+
+def train_step(opt, model, xs, y, method_kind="ogm", loss_scale=None):
+    out, split, uni = model(xs)
+    if method_kind == "ogm":
+        loss = F.cross_entropy(out, y)
+        opt.backward(loss if loss_scale is None else loss_scale(loss), logits=split, targets=y)
+    else:
+        losses = {"fusion": F.cross_entropy(out, y), **{m: F.cross_entropy(uni[m], y) for m in model.names}}
+        if loss_scale is not None:
+            losses = {k: loss_scale(v) for k, v in losses.items()}
+        opt.backward(losses)
+
+
+METHODS = {
+    "ogm": lambda: mmgrad.OGM(alpha=0.5, params="all"),
+    "ogmge": lambda: mmgrad.OGMGE(alpha=0.8, seed=3),
+    "mmpareto": lambda: mmgrad.MMPareto(),
+}
+
+
+def kind(name):
+    return "mmpareto" if name == "mmpareto" else "ogm"
+
+
+def test_is_an_optimizer_sharing_param_groups_and_state():
+    model, xs, y = make()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = build(model, inner=inner)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is inner.param_groups
+    opt.zero_grad()
+    train_step(opt, model, xs, y)
+    opt.step()
+    assert opt.state is inner.state and len(inner.state) > 0
+
+
+def test_lr_scheduler_drives_the_wrapped_optimizer():
+    model, xs, y = make()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = build(model, inner=inner)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        train_step(opt, model, xs, y)
+        opt.step()
+        sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_closure(name):
+    model, xs, y = make()
+    opt = build(model, METHODS[name]())
+
+    def closure():
+        opt.zero_grad()
+        train_step(opt, model, xs, y, kind(name))
+        return torch.tensor(1.0)
+
+    before = [p.clone() for p in model.parameters()]
+    assert opt.step(closure).item() == 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_step_hooks_run():
+    model, xs, y = make()
+    opt = build(model)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    opt.zero_grad()
+    train_step(opt, model, xs, y)
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+@pytest.mark.parametrize("name", ["ogm", "mmpareto"])
+def test_gradient_accumulation_equals_one_big_batch(name):
+    model, xs, y = make()
+    model.eval()  # BatchNorm would see different batch statistics in the half batches
+    twin = copy.deepcopy(model)
+    opt, opt_twin = build(model, METHODS[name]()), build(twin, METHODS[name]())
+    for _ in range(2):
+        opt.zero_grad(), opt_twin.zero_grad()
+        train_step(opt, model, xs, y, kind(name))
+        # The same step as two half batches, each loss halved (cross-entropy is a mean).
+        for half in (slice(0, 4), slice(4, 8)):
+            train_step(opt_twin, twin, {m: x[half] for m, x in xs.items()}, y[half], kind(name), loss_scale=lambda l: l / 2)
+        opt.step(), opt_twin.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.allclose(p, q, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_state_dict_round_trip_continues_bitwise(name):
+    model, xs, y = make()
+    opt = build(model, METHODS[name]())
+    for epoch in range(3):
+        opt.set_epoch(epoch)
+        opt.zero_grad()
+        train_step(opt, model, xs, y, kind(name))
+        opt.step()
+    saved_model = copy.deepcopy(model.state_dict())
+    blob = io.BytesIO()
+    torch.save(opt.state_dict(), blob)
+    for epoch in range(3, 6):
+        opt.set_epoch(epoch)
+        opt.zero_grad()
+        train_step(opt, model, xs, y, kind(name))
+        opt.step()
+    # A fresh model and optimizer (different seed for the noise) restored from the checkpoint.
+    resumed, _, _ = make(seed=99)
+    resumed.load_state_dict(saved_model)
+    torch.manual_seed(1234)
+    opt2 = build(resumed, METHODS[name]())
+    blob.seek(0)
+    opt2.load_state_dict(torch.load(blob))
+    for epoch in range(3, 6):
+        opt2.set_epoch(epoch)
+        opt2.zero_grad()
+        train_step(opt2, resumed, xs, y, kind(name))
+        opt2.step()
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("fused", [False, True])
+def test_nonfinite_step_is_skipped_and_leaves_parameters_and_state_alone(name, fused):
+    model, xs, y = make()
+    inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, fused=fused)
+    opt = build(model, METHODS[name](), inner=inner)
+    opt.zero_grad()
+    train_step(opt, model, xs, y, kind(name))
+    opt.step()  # a finite step creates the momentum buffers
+    params = [p.clone() for p in model.parameters()]
+    state = copy.deepcopy(inner.state_dict())
+    opt.zero_grad()
+    train_step(opt, model, xs, y, kind(name))
+    first = opt._layout.buffer.params[0]
+    first.grad.view(-1)[0] = float("nan")
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = inner.state_dict()
+    for k, v in state["state"].items():
+        assert torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
+
+
+def test_nonfinite_raise_policy():
+    model, xs, y = make()
+    opt = build(model, nonfinite="raise")
+    opt.zero_grad()
+    train_step(opt, model, xs, y)
+    model.head.weight.grad.view(-1)[0] = float("inf")  # a head gradient, outside the buffer
+    params = [p.clone() for p in model.parameters()]
+    with pytest.raises(mmgrad.NonFiniteGradientError):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_grad_scaler_with_a_forced_inf_step(name):
+    model, xs, y = make()
+    model = model.float()
+    xs = {m: x.float() for m, x in xs.items()}
+    twin = copy.deepcopy(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = build(model, METHODS[name](), grad_scaler=scaler)
+    ref = build(twin, METHODS[name]())
+    for step in range(3):
+        opt.zero_grad(), ref.zero_grad()
+        train_step(opt, model, xs, y, kind(name), loss_scale=scaler.scale)
+        if step == 1:
+            model.head.weight.grad.view(-1)[0] = float("inf")
+            before = [p.clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        if step == 1:
+            assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+            assert scaler.get_scale() == 2.0**9  # the scaler backed off
+            continue
+        train_step(ref, twin, xs, y, kind(name))
+        ref.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_parameters_that_get_no_gradient_are_not_decayed():
+    model, xs, y = make()
+    inner = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
+    opt = mmgrad.BalancedOptimizer(inner, modalities=dict(model.encoders.items()), method=mmgrad.OGM(alpha=0.5, params="all"))
+    audio = [p.clone() for p in model.encoders["audio"].parameters()]
+    opt.zero_grad()
+    out, split, _ = model(xs)
+    loss = F.cross_entropy(model.head(torch.cat([model.encoders["visual"](xs["visual"]).detach() * 0 + 1,
+                                                 model.encoders["visual"](xs["visual"])], 1)), y)
+    with pytest.warns(RuntimeWarning, match="modality 'audio' received no gradient"):
+        opt.backward(loss, logits=split, targets=y)
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(audio, model.encoders["audio"].parameters()))
+
+
+def test_user_zero_grad_set_to_none_keeps_working():
+    model, xs, y = make()
+    opt = build(model)
+    model.zero_grad(set_to_none=True)  # the user bypasses opt.zero_grad()
+    train_step(opt, model, xs, y)
+    opt.step()
+    assert opt._layout.buffer.is_bound()
+
+
+def test_construction_errors_say_what_to_fix():
+    model, xs, y = make()
+    sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
+    enc = model.encoders
+    with pytest.raises(ValueError, match="both modality 'a' and 'b'"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), modalities={"a": enc["audio"], "b": enc["audio"]}, method=mmgrad.OGM(alpha=1))
+    with pytest.raises(ValueError, match="not in the wrapped optimizer"):
+        mmgrad.BalancedOptimizer(sgd(enc["audio"].parameters()), modalities={"a": enc["audio"], "v": enc["visual"]}, method=mmgrad.OGM(alpha=1))
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), modalities={"a": enc["audio"], "v": []}, method=mmgrad.OGM(alpha=1))
+    with pytest.raises(ValueError, match="modalities is empty"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), modalities={}, method=mmgrad.OGM(alpha=1))
+    emb = nn.Embedding(10, 3, sparse=True)
+    with pytest.raises(ValueError, match="sparse"):
+        mmgrad.BalancedOptimizer(sgd(emb.parameters()), modalities={"t": emb}, method=mmgrad.OGM(alpha=1, params="all"))
+    with pytest.raises(ValueError, match="method is required"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), modalities={"a": enc["audio"]})
+    with pytest.raises(ValueError, match="exactly one of"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), method="upgrad")
+    with pytest.raises(ValueError, match="nonfinite"):
+        mmgrad.BalancedOptimizer(sgd(model.parameters()), modalities={"a": enc["audio"]}, method=mmgrad.OGM(alpha=1), nonfinite="zero")
+    with pytest.raises(ValueError, match="alpha"):
+        mmgrad.OGM(alpha=0)
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        mmgrad.BalancedOptimizer(object(), modalities={"a": enc["audio"]}, method=mmgrad.OGM(alpha=1))
