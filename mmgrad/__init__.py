@@ -5,10 +5,10 @@ are used when present, and the pure-PyTorch reference serves otherwise (``python
 says which backends are available and why the others are not).
 """
 
-from mmgrad import aggregators, methods, ops, reference
+from mmgrad import aggregators, methods, nn, ops, reference
 from mmgrad.aggregators import aggregate, weights
 from mmgrad.buffers import FlatGradBuffer, SegmentTable, flat_grad_buffers
-from mmgrad.methods import OGM, OGMGE, MMPareto, MultiObjective
+from mmgrad.methods import AGM, OGM, OGMGE, InfoReg, MMPareto, MultiObjective
 from mmgrad.optim import BalancedOptimizer, NonFiniteGradientError
 
 __version__ = "0.1.0"
@@ -25,6 +25,9 @@ __all__ = [
     "OGM",
     "OGMGE",
     "MMPareto",
+    "AGM",
+    "InfoReg",
+    "nn",
     "MultiObjective",
     "FlatGradBuffer",
     "SegmentTable",

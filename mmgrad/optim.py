@@ -163,8 +163,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
     # --- the training-loop interface --------------------------------------------------------------
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the method which epoch runs now (for modulation windows and warm-ups)."""
+        """Tell the method which epoch runs now (modulation windows, warm-ups, epoch statistics);
+        call it at the start of every epoch."""
         self.epoch = int(epoch)
+        self.method.on_epoch(self.epoch, self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient; the modality gradients stay views of the flat buffer."""
@@ -191,7 +193,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             buffer.bind(buffer.active_row)  # fold in gradients a plain loss.backward() left elsewhere
         self._warn_modalities_without_grad()
         row_scale = self._row_scale()
-        context = StepContext(self._layout, self.epoch, self._step_count, row_scale)
+        context = StepContext(self._layout, self.epoch, self._step_count, row_scale, self.param_groups)
         finite = self._others_finite()
         if not self.method.reports_finite:
             finite = finite & torch.isfinite(buffer.data).all()  # an extra read of the rows

@@ -149,8 +149,10 @@ def test_ogm_ge_noise_has_the_per_tensor_std_of_the_unscaled_gradient():
         offset = layout.segments.host_offsets[i]
         idx = torch.arange(offset, offset + p.numel())
         z = mmgrad.reference.philox_normal(seed, idx).view_as(p)
-        expected = coeff[m] * g0 + (g0.std() + 1e-8) * z
-        assert torch.allclose(p.grad, expected, atol=1e-12)
+        sigma = g0.std() + 1e-8
+        expected = coeff[m] * g0 + sigma * z
+        # Kernels evaluate Box-Muller in float32: the noise matches to ~1e-6 of its std.
+        assert torch.allclose(p.grad, expected, atol=2e-6 * sigma.item())
     assert not torch.equal(method.state_dict()["seed"], seed)  # fresh noise next step
 
 
@@ -184,7 +186,7 @@ def test_ogm_window_and_filters():
     opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(opt._layout.buffer.params, grads))  # outside the window
     assert (opt.diagnostics["coeff"] < 1).any()  # coefficients are still computed
-    with pytest.raises(ValueError, match="no tensor to modulate"):
+    with pytest.raises(ValueError, match="no parameter tensor of the modalities matches"):
         lin = nn.Linear(3, 3)
         mmgrad.BalancedOptimizer(torch.optim.SGD(lin.parameters(), lr=1), modalities={"a": lin}, method=mmgrad.OGM(alpha=1))
 
@@ -317,3 +319,149 @@ def test_multi_objective_mode_equals_the_aggregator_on_the_jacobian(name):
     opt.step()
     got = torch.cat([p.grad.reshape(-1) for p in shared])
     assert torch.allclose(got, expected, atol=1e-10, rtol=1e-7)
+
+
+# --- AGM --------------------------------------------------------------------------------------
+
+
+def test_agm_matches_per_parameter_reference():
+    model, xs, y = make()
+    ref = copy.deepcopy(model)
+    alpha = 0.1
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), modalities=dict(model.encoders.items()), method=mmgrad.AGM(alpha=alpha))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    history = []
+    for step in range(4):
+        opt.zero_grad()
+        out, split, _ = model(xs)
+        response = mmgrad.nn.shapley_logits(lambda f: model.head(torch.cat([f[m] for m in model.names], 1)),
+                                            {m: model.encoders[m](xs[m]) for m in model.names})
+        opt.backward(F.cross_entropy(out, y), logits=response, targets=y)
+        opt.step()
+        # Reference: plain per-parameter loop, running average over the steps so far.
+        ref_opt.zero_grad()
+        out, _, _ = ref(xs)
+        F.cross_entropy(out, y).backward()
+        with torch.no_grad():
+            z = {m: ref.encoders[m](xs[m]) for m in ref.names}
+            W, b = ref.head.weight, ref.head.bias
+            # For a linear concat head the Shapley response is z_m W_m^T (the bias cancels).
+            resp = {m: z[m] @ W[:, i * ref.feat : (i + 1) * ref.feat].T for i, m in enumerate(ref.names)}
+        s = torch.stack([F.cross_entropy(resp[m], y) for m in ref.names])
+        history.append(s)
+        run = torch.stack(history).mean(0)
+        ratio = torch.exp(2 * (s - s.mean()))
+        target = torch.exp(2 * (run - run.mean()))
+        coeff = torch.exp(alpha * torch.clamp(target - ratio, max=7.0))
+        for i, m in enumerate(ref.names):
+            for p in ref.encoders[m].parameters():
+                if p.dim() > 1:
+                    p.grad *= coeff[i]
+        ref_opt.step()
+        assert torch.allclose(opt.diagnostics["coeff"], coeff, atol=1e-12)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-12, rtol=1e-10)
+    assert not torch.allclose(opt.diagnostics["coeff"], torch.ones(2, dtype=torch.float64))
+
+
+def test_shapley_logits_of_a_linear_head_are_the_split_columns():
+    head = nn.Linear(6, 4).double()
+    feats = {"a": torch.randn(5, 2, dtype=torch.float64), "b": torch.randn(5, 4, dtype=torch.float64)}
+    phi = mmgrad.nn.shapley_logits(lambda f: head(torch.cat([f["a"], f["b"]], 1)), feats)
+    split = mmgrad.nn.split_concat_logits(head, feats, bias_share=0.0)
+    for m in feats:
+        assert torch.allclose(phi[m], split[m])
+    # Efficiency: the responses add up to f(all) - f(none).
+    total = head(torch.cat([feats["a"], feats["b"]], 1)) - head(torch.zeros(5, 6, dtype=torch.float64))
+    assert torch.allclose(phi["a"] + phi["b"], total)
+
+
+# --- InfoReg ----------------------------------------------------------------------------------
+
+
+def test_inforeg_proximal_term_on_the_dominant_encoder():
+    model, xs, y = make()
+    method = mmgrad.InfoReg()
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.5), modalities=dict(model.encoders.items()), method=method)
+    opt.set_epoch(0)
+    snapshot = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(3):
+        opt.zero_grad()
+        out, split, _ = model(xs)
+        loss = F.cross_entropy(out, y)
+        opt.backward(loss, logits=split, targets=y)
+        plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        s = torch.stack([torch.softmax(split[m].detach(), 1).gather(1, y[:, None]).sum() for m in model.names])
+        dominant = int(s.argmax())
+        beta = (0.95, 0.1)[dominant] * math.exp(math.tanh((s[dominant] - s[1 - dominant]).item()))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        for n, p in model.named_parameters():
+            if n not in plain:
+                continue
+            expected = plain[n]
+            if n.startswith(f"encoders.{model.names[dominant]}."):
+                expected = expected + beta * (before[n] - snapshot[n])
+            assert torch.allclose(p.grad, expected, atol=1e-12), n
+    assert opt.diagnostics["window_open"].item()
+
+
+def test_inforeg_window_closes_when_the_fisher_trace_stops_growing():
+    model, xs, y = make()
+    method = mmgrad.InfoReg(window=2)
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), modalities=dict(model.encoders.items()), method=method)
+    opens = []
+    for epoch in range(6):
+        opt.set_epoch(epoch)
+        opens.append(bool(method._open))
+        opt.zero_grad()
+        out, split, _ = model(xs)
+        opt.backward(F.cross_entropy(out, y) * (1.0 if epoch < 1 else 0.0), logits=split, targets=y)
+        opt.step()
+    # Epoch 0 trains, later epochs have zero gradients: the trace's moving average stops growing.
+    assert opens[0] and opens[1] and not opens[-1]
+
+
+# --- impartiality blocks -------------------------------------------------------------------------
+
+
+def _branch_jacobian(z_shape, heads, loss_fns, z):
+    rows = []
+    for head, lf in zip(heads, loss_fns):
+        zz = z.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(lf(head(zz)), zz)
+        rows.append(g.reshape(-1))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("name,rescale", [("mean", False), ("upgrad", True), ("mgda", False)])
+def test_impartial_branch_aggregates_the_branch_gradients(name, rescale):
+    torch.manual_seed(0)
+    enc = nn.Linear(5, 4).double()
+    heads = [nn.Linear(4, 3).double() for _ in range(3)]
+    x = torch.randn(6, 5, dtype=torch.float64)
+    ys = [torch.randint(0, 3, (6,)) for _ in range(3)]
+    block = mmgrad.nn.ImpartialBranch(3, aggregator=name, rescale=rescale)
+    z = enc(x)
+    loss = sum(F.cross_entropy(h(zk), yk) for h, zk, yk in zip(heads, block(z), ys))
+    J = _branch_jacobian(z.shape, heads, [lambda o, yk=yk: F.cross_entropy(o, yk) for yk in ys], z)
+    d = mmgrad.aggregators.get(name)(J)
+    if rescale:
+        d = d * (J.sum(0).norm() / d.norm())
+    z.retain_grad()
+    loss.backward()
+    assert torch.allclose(z.grad.reshape(-1), d, atol=1e-12)
+
+
+def test_impartial_module_aggregates_per_branch_parameter_gradients():
+    torch.manual_seed(0)
+    dec = nn.Linear(4, 2).double()
+    twin = copy.deepcopy(dec)
+    block = mmgrad.nn.ImpartialModule(dec, branches=2, aggregator="mean", rescale=False)
+    xs = [torch.randn(3, 4, dtype=torch.float64) for _ in range(2)]
+    block.expand()
+    (block(xs[0], branch=0).pow(2).sum() + 3 * block(xs[1], branch=1).sum()).backward()
+    # Plain: the mean of the two branches' gradients.
+    (0.5 * (twin(xs[0]).pow(2).sum() + 3 * twin(xs[1]).sum())).backward()
+    for p, q in zip(dec.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-12)

@@ -35,6 +35,8 @@ METHODS = {
     "ogm": lambda: mmgrad.OGM(alpha=0.5, params="all"),
     "ogmge": lambda: mmgrad.OGMGE(alpha=0.8, seed=3),
     "mmpareto": lambda: mmgrad.MMPareto(),
+    "agm": lambda: mmgrad.AGM(alpha=0.1),
+    "inforeg": lambda: mmgrad.InfoReg(),
 }
 
 

@@ -46,6 +46,26 @@ class ModalityLayout:
         mods = torch.tensor([self.segment_modality_host[i] for i in idx], dtype=torch.int64, device=self.device)
         return self.segments.select(idx), mods
 
+    def filtered(self, which: str) -> tuple[SegmentTable, torch.Tensor, torch.Tensor]:
+        """The parameter tensors a method edits: ``"conv"`` (4-D, the OGM paper's code),
+        ``"weights"`` (more than one dimension: conv and linear weights, no biases or norms) or
+        ``"all"``. Returns their segment table, modality indices and positions among all segments
+        (device tensors)."""
+        shapes = [p.shape for p in self.buffer.params]
+        if which == "conv":
+            keep = [len(s) == 4 for s in shapes]
+        elif which == "weights":
+            keep = [len(s) > 1 for s in shapes]
+        elif which == "all":
+            keep = [True] * len(shapes)
+        else:
+            raise ValueError(f"unknown tensor filter {which!r}; choose 'conv', 'weights' or 'all'")
+        if not any(keep):
+            raise ValueError(f"no parameter tensor of the modalities matches params={which!r}; use 'weights' or 'all'")
+        table, mods = self.select(keep)
+        index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.int64, device=self.device)
+        return table, mods, index
+
     def per_modality_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum per-segment values (S, ...) into per-modality values (M, ...), on the device."""
         out = values.new_zeros((len(self.names),) + tuple(values.shape[1:]))
@@ -78,6 +98,9 @@ class BalancingMethod:
     def attach(self, layout: ModalityLayout) -> None:
         """Called once by the optimizer when the buffer exists; precompute device tables here."""
         self.layout = layout
+
+    def on_epoch(self, epoch: int, optimizer) -> None:
+        """Called by ``optimizer.set_epoch(epoch)`` when a new epoch starts."""
 
     # --- per micro-batch --------------------------------------------------------------------------
 
@@ -119,6 +142,8 @@ class StepContext:
     step: int
     # Multiplies rows that are still loss-scaled (GradScaler) to unscale them; 1 otherwise.
     row_scale: torch.Tensor
+    # The optimizer's param_groups (for methods that touch gradients outside the modalities).
+    param_groups: list = field(default_factory=list)
 
 
 def _sum_losses(loss) -> torch.Tensor:

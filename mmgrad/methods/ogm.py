@@ -18,7 +18,6 @@ import torch
 from mmgrad import ops
 from mmgrad.methods.base import BalancingMethod, StepContext
 
-_FILTERS = ("conv", "weights", "all")
 _RATIOS = ("pairwise", "others_mean", "min")
 
 
@@ -101,8 +100,8 @@ class OGM(BalancingMethod):
         super().__init__()
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
-        if params not in _FILTERS:
-            raise ValueError(f"params must be one of {_FILTERS}, got {params!r}")
+        if params not in ("conv", "weights", "all"):
+            raise ValueError(f"params must be 'conv', 'weights' or 'all', got {params!r}")
         if ratio not in _RATIOS:
             raise ValueError(f"ratio must be one of {_RATIOS}, got {ratio!r}")
         if modulation_ends < modulation_starts:
@@ -121,22 +120,10 @@ class OGM(BalancingMethod):
 
     def attach(self, layout) -> None:
         super().attach(layout)
-        shapes = [p.shape for p in layout.buffer.params]
-        if self.params == "conv":
-            keep = [len(s) == 4 for s in shapes]
-        elif self.params == "weights":
-            keep = [len(s) > 1 for s in shapes]
-        else:
-            keep = [True] * len(shapes)
-        if not any(keep):
-            raise ValueError(
-                f"OGM(params={self.params!r}) finds no tensor to modulate in the modalities "
-                "(no 4-D conv kernels?); use params='weights' or 'all'"
-            )
-        self._modulated, self._modulated_modality = layout.select(keep)
-        self._modulated_index = torch.tensor(
-            [i for i, k in enumerate(keep) if k], dtype=torch.int64, device=layout.device
-        )
+        try:
+            self._modulated, self._modulated_modality, self._modulated_index = layout.filtered(self.params)
+        except ValueError as exc:
+            raise ValueError(f"{type(self).__name__}: {exc} (no 4-D conv kernels?)") from None
         self._seed = torch.tensor([self._initial_seed], dtype=torch.int64, device=layout.device)
         self._scores = torch.zeros(len(layout.names), dtype=torch.float64, device=layout.device)
 

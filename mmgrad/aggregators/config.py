@@ -1,0 +1,55 @@
+"""ConFIG (Liu et al., ICLR 2025): conflict-free inverse gradients."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from ._linalg import pinv_apply
+from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+
+
+class ConFIG(_PrefMixin, Aggregator):
+    """ConFIG as in torchjd 0.18 ``ConFIG(pref_vector)`` (pref default: ones), in Gram form.
+
+    torchjd: unit rows ``U = D^-1 J``, ``b = pinv(U) @ pref``, ``d = (sum_i g_i . b^) b^``. Since
+    ``pinv(U) = U^T (U U^T)^+``, ``b = J^T c`` with ``c = D^-1 Ghat^+ pref`` and ``Ghat`` the cosine
+    matrix, so the weights are ``c (1^T G c) / (c^T G c)``: Gram-only, so ConFIG also gets
+    ``weights(G)`` here. Zero rows stay zero (torchjd's ``nan_to_num``).
+
+    Difference: torch's default ``pinv`` cut-off for the K x P matrix ``U`` is ``max(K, P) * eps``
+    relative on singular values, i.e. it depends on P (0.12 for P = 1M in float32: nearly parallel
+    gradients are merged). Here the cut-off is ``rtol`` (default ``K * eps(G.dtype)``) on the
+    singular values of ``U``, floored at 1e-7 (the square root of float64's resolution on the
+    eigenvalues of ``Ghat``). Pass ``rtol=max(K, P) * eps`` to reproduce torchjd.
+    """
+
+    name = "config"
+
+    def __init__(self, pref_vector: Optional[Sequence[float] | torch.Tensor] = None,
+                 rtol: float | None = None, eig: str = "auto") -> None:
+        self._init_pref(pref_vector)
+        self.rtol, self.eig = rtol, eig
+
+    def _options(self):
+        return {"pref_vector": self._pref, "rtol": self.rtol}
+
+    def weights(self, G: torch.Tensor) -> torch.Tensor:
+        check_gram(G)
+        K = G.shape[0]
+        Gn, _ = normalize_trace(to_solve(G))
+        pref = self._pref_for(K, Gn, default=1.0)
+        d = Gn.diagonal().clamp(min=0).sqrt()
+        inv_d = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),
+                            torch.zeros_like(d))
+        cos = inv_d.unsqueeze(1) * Gn * inv_d.unsqueeze(0)
+        rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
+        rtol = max(rtol, 1e-7)
+        c = inv_d * pinv_apply(cos, pref, rtol * rtol, self.eig)
+        Gc = Gn @ c
+        nb2 = c @ Gc
+        ok = nb2 > 0
+        w = torch.where(ok, c * (Gc.sum() / torch.where(ok, nb2, torch.ones_like(nb2))),
+                        torch.zeros_like(c))
+        return w.to(G.dtype)

@@ -1,0 +1,76 @@
+"""UPGrad and DualProj: projections onto the dual cone of the gradients (Jacobian Descent,
+Quinton & Rey, arXiv:2406.16232)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _qp
+from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+
+
+class _DualConeBase(_PrefMixin, Aggregator):
+    def __init__(self, pref_vector: Optional[Sequence[float] | torch.Tensor] = None,
+                 norm_eps: float = 0.0, reg_eps: float = 1e-4,
+                 iters: int | None = None) -> None:
+        if norm_eps < 0 or reg_eps < 0:
+            raise ValueError("norm_eps and reg_eps must be non-negative")
+        if iters is not None and iters <= 0:
+            raise ValueError("iters must be positive")
+        self._init_pref(pref_vector)
+        self.norm_eps, self.reg_eps, self.iters = norm_eps, reg_eps, iters
+
+    def _options(self):
+        return {"pref_vector": self._pref, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps,
+                "iters": self.iters}
+
+    def _project(self, G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        K = G.shape[0]
+        Gn, _ = normalize_trace(G, self.norm_eps)
+        Gn = Gn + self.reg_eps * torch.eye(K, dtype=G.dtype, device=G.device)
+        if K == 2 and (self._pref is None or bool((self._pref >= 0).all())):  # host-side check
+            return _qp.dual_cone_k2(Gn, U)
+        return _qp.project_dual_cone(Gn, U, self.iters)
+
+
+class UPGrad(_DualConeBase):
+    """UPGrad: project every row onto the dual cone of all rows, combine with ``pref_vector``.
+
+    Weights ``sum_i v_i`` where ``v_i = argmin_v v^T G v s.t. v >= pref_i e_i`` (torchjd 0.18
+    ``UPGradWeighting`` conventions: ``pref_vector`` default 1/K, ``G`` divided by its trace, then
+    ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved together, in torch, by the
+    pivoting active-set method :func:`mmgrad.aggregators._qp.project_dual_cone` with ``iters``
+    (default 20) batched K x K solves; K = 2 has a closed form. torchjd solves them one by one with
+    quadprog on the CPU in numpy.
+
+    Deliberate difference: ``norm_eps`` defaults to 0 (torchjd: 1e-4). torchjd replaces ``G`` by
+    zero when ``trace(G) < 1e-4``, which makes UPGrad return the plain mean (possibly conflicting)
+    for small gradients; here any non-zero ``G`` is normalised. Pass ``norm_eps=1e-4`` for parity.
+    """
+
+    name = "upgrad"
+
+    def weights(self, G: torch.Tensor) -> torch.Tensor:
+        check_gram(G)
+        Gs = to_solve(G)
+        K = G.shape[0]
+        U = torch.diag(self._pref_for(K, Gs))
+        return self._project(Gs, U).sum(0).to(G.dtype)
+
+
+class DualProj(_DualConeBase):
+    """DualProj: project ``J^T pref`` onto the dual cone of the rows (GEM's Eq. 11).
+
+    Same conventions, defaults, solver and deliberate difference as :class:`UPGrad` (torchjd 0.18
+    ``DualProjWeighting``): one QP ``min_v v^T G v s.t. v >= pref``.
+    """
+
+    name = "dualproj"
+
+    def weights(self, G: torch.Tensor) -> torch.Tensor:
+        check_gram(G)
+        Gs = to_solve(G)
+        u = self._pref_for(G.shape[0], Gs).unsqueeze(0)
+        return self._project(Gs, u)[0].to(G.dtype)
