@@ -13,6 +13,8 @@ Tolerances (the oracle is mmgrad.reference in float64 on the same input values):
 * segment_scale_ without noise: bitwise equal to the reference run on the same dtype (one fp32
   multiply then one cast, in both), overflow to inf and underflow included.
 * noise: |z - philox_normal| <= 1e-5.
+* segment_gram: as gram, per segment (and exactly symmetric); segment_combine_: as combine, per
+  segment, with elements outside every segment bitwise untouched.
 """
 
 import os
@@ -367,6 +369,132 @@ def test_segment_lerp(dtype, gen, table_path):
     assert torch.equal(got[o:o + n], y[o:o + n])
 
 
+# --- column-segment ops: segment_gram, segment_combine_ ------------------------------------------
+
+# With TILE = 1024 (monkeypatched): segments of 0 to 2 tiles and one of 3 (2500 columns).
+COL_SIZES = [0, 1, 3, 17, 0, 1024, 1500, 2500, 5, 0]
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(mt_segments, "TILE", 1024)
+
+
+def strided_J(K, P, dtype, gen):
+    """(K, P) view with row stride P + 13 (> P) and a column offset of 5."""
+    big = randn(K, P + 13, dtype=dtype, gen=gen)
+    J = big[:, 5:5 + P]
+    assert K == 1 or J.stride(0) == P + 13
+    return J
+
+
+def check_segment_gram(J, offsets, numels):
+    G = mt.segment_gram(J, offsets, numels)
+    S, K = offsets.numel(), J.shape[0]
+    assert G.shape == (S, K, K) and G.dtype == ref.accumulation_dtype(J.dtype)
+    Jd = J.double().cpu()
+    R = ref.segment_gram(Jd, offsets.cpu(), numels.cpu())
+    norms = torch.stack([Jd[:, o:o + n].norm(dim=1)
+                         for o, n in zip(offsets.tolist(), numels.tolist())])  # (S, K)
+    bound = acc_tol(J.dtype) * norms[:, :, None] * norms[:, None, :] + 1e-300
+    err = (G.double().cpu() - R).abs()
+    assert torch.all(err <= bound), f"max err/bound {(err / bound).max().item():.3g}"
+    assert torch.equal(G, G.transpose(1, 2))  # exactly symmetric
+    assert torch.all(G[numels == 0] == 0)
+    assert torch.equal(G, mt.segment_gram(J, offsets, numels))  # bitwise deterministic
+    return G
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 3, 8])
+def test_segment_gram(dtype, K, gen, small_tiles):
+    J = strided_J(K, 6200, dtype, gen)
+    offsets, numels = make_segments(J.shape[1], COL_SIZES, gen)
+    check_segment_gram(J, offsets, numels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_gram_row_blocks_and_search(dtype, gen, small_tiles, monkeypatch):
+    # K > 8: row-block pairs (NB = 3), contiguous rows; the binary-search table path.
+    monkeypatch.setattr(mt_segments, "SMALL_S", 0)
+    J = randn(17, 2000, dtype=dtype, gen=gen)
+    offsets, numels = make_segments(J.shape[1], [1100, 0, 700, 9], gen, gap_max=20)
+    check_segment_gram(J, offsets, numels)
+
+
+def check_segment_combine(J, offsets, numels, W, into_row):
+    dtype = J.dtype
+    J_before = J.cpu().to(torch.float64, copy=True)  # a copy also for fp64 J (out may alias it)
+    out = J[0] if into_row else randn(J.shape[1], dtype=dtype, gen=torch.Generator().manual_seed(1))
+    out_before = out.clone()
+    mt.segment_combine_(out, J, offsets, numels, W)
+    expected = ref.segment_combine_(out_before.double().cpu(), J_before, offsets.cpu(),
+                                    numels.cpu(), W.double().cpu())
+    scale = torch.zeros(J.shape[1], dtype=torch.float64)
+    inside = torch.zeros(J.shape[1], dtype=torch.bool)
+    for s, (o, n) in enumerate(zip(offsets.tolist(), numels.tolist())):
+        scale[o:o + n] = W[s].double().cpu().abs() @ J_before[:, o:o + n].abs()
+        inside[o:o + n] = True
+    got = out.double().cpu()
+    bound = acc_tol(dtype) * scale + UNIT_ROUNDOFF[dtype] * expected.abs() + 1e-300
+    err = (got - expected).abs()
+    assert torch.all(err <= bound), f"max err/bound {(err / bound).max().item():.3g}"
+    assert torch.equal(out[~inside.to(out.device)], out_before[~inside.to(out.device)])
+    if J.shape[0] > 1 and into_row:  # the other rows of J are untouched
+        assert torch.equal(J[1:].double().cpu(), J_before[1:])
+    return out
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("K", [1, 2, 3, 8])
+@pytest.mark.parametrize("into_row", [False, True], ids=["separate_out", "out_is_row_0"])
+def test_segment_combine(dtype, K, into_row, gen, small_tiles):
+    J = strided_J(K, 6200, dtype, gen)
+    offsets, numels = make_segments(J.shape[1], COL_SIZES, gen)
+    W = randn(len(COL_SIZES), K, dtype=ref.accumulation_dtype(dtype), gen=gen)
+    J0 = torch.empty_strided(J.shape, J.stride(), dtype=dtype, device=DEV).copy_(J)
+    got = check_segment_combine(J, offsets, numels, W, into_row)
+    # bitwise deterministic, aliased or not
+    again = J0[0].clone() if into_row else got.clone()
+    if into_row:
+        mt.segment_combine_(J0[0], J0, offsets, numels, W)
+        again = J0[0]
+    else:
+        mt.segment_combine_(again, J, offsets, numels, W)
+    assert torch.equal(got, again)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segment_combine_large_k_and_search(dtype, gen, small_tiles, monkeypatch):
+    # K = 17: two unrolled row chunks of 16; the binary-search table path.
+    monkeypatch.setattr(mt_segments, "SMALL_S", 0)
+    J = randn(17, 3000, dtype=dtype, gen=gen)
+    offsets, numels = make_segments(J.shape[1], [1100, 0, 700, 9], gen)
+    W = randn(4, 17, dtype=torch.float32, gen=gen)
+    check_segment_combine(J, offsets, numels, W, into_row=True)
+
+
+def test_column_segment_ops_edge_cases(gen):
+    e = torch.empty(0, dtype=torch.int64, device=DEV)
+    J = randn(3, 50, dtype=torch.float32, gen=gen)
+    assert mt.segment_gram(J, e, e).shape == (0, 3, 3)
+    out = J[0].clone()
+    mt.segment_combine_(out, J, e, e, torch.empty(0, 3, device=DEV))
+    assert torch.equal(out, J[0])
+    offsets = torch.tensor([10, 0], device=DEV)
+    numels = torch.tensor([5, 0], device=DEV)
+    G = mt.segment_gram(J[:0], offsets, numels)  # K = 0
+    assert G.shape == (2, 0, 0)
+    G = mt.segment_gram(J[:, :0], offsets[1:], numels[1:])  # P = 0
+    assert G.shape == (1, 3, 3) and torch.all(G == 0)
+    mt.segment_combine_(out, J[:0], offsets, numels, torch.empty(2, 0, device=DEV))  # K = 0
+    assert torch.all(out[10:15] == 0) and torch.equal(out[:10], J[0, :10])
+    with pytest.raises(ValueError):  # weights of the wrong shape
+        mt.segment_combine_(out, J, offsets, numels, torch.ones(2, 2, device=DEV))
+    with pytest.raises(ValueError):
+        mt.segment_gram(torch.zeros(3, 8, device=DEV)[:, ::2], offsets, numels)
+
+
 def test_segment_ops_reject_bad_tables():
     x = torch.zeros(10, device=DEV)
     with pytest.raises(TypeError):
@@ -390,15 +518,21 @@ def test_no_host_sync_and_cuda_graph_capture(gen):
     std = torch.rand(S, generator=gen).to(DEV)
     seed = torch.tensor([77], dtype=torch.int64, device=DEV)
     x = x0.clone()
+    col_offsets, col_numels = make_segments(J.shape[1], [0, 1000, 17, 1500], gen)
+    W = randn(4, 5, dtype=torch.float32, gen=gen)
+    J2 = J.clone()
 
     def step():
         x.copy_(x0)
+        J2.copy_(J)
         G = mt.gram(J)
         c = mt.combine(J, w)
         m = mt.segment_moments(x, offsets, numels)
+        SG = mt.segment_gram(J, col_offsets, col_numels)
+        mt.segment_combine_(J2[0], J2, col_offsets, col_numels, W)  # out aliases row 0
         mt.segment_scale_(x, offsets, numels, scale, std, seed)
         mt.segment_lerp_(x, y, offsets, numels, scale.sigmoid())
-        return G, c, m, x.clone()
+        return G, c, m, SG, J2.clone(), x.clone()
 
     eager = step()  # compiles the kernels
     torch.cuda.synchronize()
@@ -421,9 +555,9 @@ def test_no_host_sync_and_cuda_graph_capture(gen):
     seed.fill_(78)  # the seed is read on the device at replay time
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(eager[:3], captured[:3]):
+    for a, b in zip(eager[:5], captured[:5]):
         assert torch.equal(a, b)
-    assert not torch.equal(eager[3], captured[3])
+    assert not torch.equal(eager[5], captured[5])
     seed.fill_(77)
     graph.replay()
-    assert torch.equal(eager[3], captured[3])
+    assert torch.equal(eager[5], captured[5])

@@ -1,4 +1,5 @@
-"""Triton kernels for the segment ops on a flat buffer: moments, scale (+ Philox noise), lerp.
+"""Triton kernels for the segment ops on a flat buffer: moments, scale (+ Philox noise), lerp;
+and on the column segments of a matrix J (K, P): segment_gram, segment_combine_.
 
 Load balancing without a host sync: each segment is cut into tiles of TILE elements, and the
 launch has one program per possible tile. The number of tiles is at most
@@ -19,7 +20,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from .kernels import _INTERP, INTERPRET, accumulation_dtype, cast_out
+from .kernels import (_INTERP, _PAIRS_CONFIG, INTERPRET, _check_J, _row_stride,
+                      accumulation_dtype, cast_out)
 
 TILE = 16384  # elements per program
 BLOCK = 2048  # elements per loop step inside a program
@@ -290,6 +292,148 @@ def _lerp_kernel(x, y, tile_end, offsets, numels, weight, S, nsteps, TILE: tl.co
             _lerp_step(x, y, tl.multiple_of(start + i, ALIGN), base, cnt, wt, BLOCK, ACC)
 
 
+# --- column-segment ops on J (K, P): segment_gram, segment_combine_ --------------------------
+# Same tile map, over the columns of J: tile t is columns [base, base + cnt) of segment s, all K
+# rows. Row pointers are J + r * ld (int64).
+
+
+@triton.jit
+def _ld_cols(p, cols, lo, hi, rmask, ACC: tl.constexpr):
+    return tl.load(p + cols[None, :], mask=rmask & ((cols >= lo) & (cols < hi))[None, :],
+                   other=0.0).to(ACC)
+
+
+@triton.jit
+def _sgram_step(acc, pa, pb, ma, mb, cols, lo, hi, BLOCK: tl.constexpr, U: tl.constexpr,
+                SINGLE: tl.constexpr, ACC: tl.constexpr):
+    # As kernels._pairs_step, with a lower column bound too (the aligned head of a tile).
+    a0 = _ld_cols(pa, cols, lo, hi, ma, ACC)
+    a1 = a0
+    if U >= 2:
+        a1 = _ld_cols(pa, cols + BLOCK, lo, hi, ma, ACC)
+    if SINGLE:
+        b0 = a0
+        b1 = a1
+    else:
+        b0 = _ld_cols(pb, cols, lo, hi, mb, ACC)
+        b1 = b0
+        if U >= 2:
+            b1 = _ld_cols(pb, cols + BLOCK, lo, hi, mb, ACC)
+    acc += a0[:, None, :] * b0[None, :, :]
+    if U >= 2:
+        acc += a1[:, None, :] * b1[None, :, :]
+    return acc
+
+
+@triton.jit
+def _sgram_partial_kernel(J, tile_end, offsets, numels, part, K, ld, S, nsteps, NB, KP,
+                          TILE: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
+                          BLOCK: tl.constexpr, U: tl.constexpr, ALIGN: tl.constexpr,
+                          NS: tl.constexpr, ACC: tl.constexpr, SINGLE: tl.constexpr):
+    # Phase 1: program (tile t, row-block pair q) writes the (RB, RB) block (bi, bj) of its tile's
+    # partial Gram, part[t]; only pairs bi <= bj (phase 2 reads the upper triangle). Tiles are on
+    # grid axis 0 (up to 2^31 - 1 programs), pairs on axis 1.
+    t = tl.program_id(0).to(tl.int64)
+    q = tl.program_id(1)
+    bi = q // NB
+    bj = q % NB
+    if bi <= bj:
+        s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+        head = tl.where(cnt > 0, base % ALIGN, 0)
+        start = base - head
+        hi = base + cnt
+        ri = bi * RB + tl.arange(0, RB)
+        rj = bj * RB + tl.arange(0, RB)
+        ma = (ri < K)[:, None]
+        mb = (rj < K)[:, None]
+        pa = J + ri.to(tl.int64)[:, None] * ld
+        pb = J + rj.to(tl.int64)[:, None] * ld
+        acc = tl.zeros((RB, RB, BLOCK), dtype=ACC)
+        if _INTERP:
+            i = cnt * 0
+            while i < cnt + head:
+                cols = start + i + tl.arange(0, BLOCK).to(tl.int64)
+                acc = _sgram_step(acc, pa, pb, ma, mb, cols, base, hi, BLOCK, U, SINGLE, ACC)
+                i += U * BLOCK
+        else:
+            for i in tl.range(0, cnt + head, U * BLOCK, num_stages=NS):
+                cols = tl.multiple_of(start + i, ALIGN) + tl.arange(0, BLOCK).to(tl.int64)
+                acc = _sgram_step(acc, pa, pb, ma, mb, cols, base, hi, BLOCK, U, SINGLE, ACC)
+        res = tl.sum(acc, axis=2)
+        tl.store(part + t * KP * KP + ri[:, None] * KP + rj[None, :], res)
+
+
+@triton.jit
+def _sgram_reduce_kernel(part, tile_end, numels, out, K, KP, TILE: tl.constexpr,
+                         BS: tl.constexpr, BLOCK_E: tl.constexpr, RP: tl.constexpr):
+    # Phase 2: out[s, i, j] = sum over the tiles of segment s of part[tile, min(i,j), max(i,j)], in
+    # a fixed order; reading the upper triangle for (i, j) and (j, i) makes out exactly symmetric.
+    s = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+    em = e < K * K
+    src = tl.minimum(e // K, e % K) * KP + tl.maximum(e // K, e % K)
+    n = tl.load(numels + s)
+    nt = (tl.maximum(n, 0) + (TILE - 1)) // TILE
+    if BS > 0:  # no tile_end array: recompute this segment's end
+        idx = tl.arange(0, BS)
+        nts = (tl.maximum(tl.load(numels + idx, mask=idx <= s, other=0), 0) + (TILE - 1)) // TILE
+        first = tl.sum(nts, axis=0) - nt
+    else:
+        first = tl.load(tile_end + s) - nt
+    acc = tl.zeros((RP, BLOCK_E), dtype=out.dtype.element_ty)
+    j0 = nt * 0
+    while j0 < nt:
+        j = j0 + tl.arange(0, RP)
+        ptr = part + (first + j)[:, None] * (KP * KP) + src[None, :]
+        acc += tl.load(ptr, mask=(j < nt)[:, None] & em[None, :], other=0.0)
+        j0 += RP
+    tl.store(out + s * K * K + e, tl.sum(acc, axis=0), mask=em)
+
+
+@triton.jit
+def _scombine_step(J, out, weights, w0, s, K, ld, q0, base, hi, KC: tl.constexpr,
+                   NKC: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    # out[q] = sum_k w[k] J[k, q] for the step's columns. All K rows of the columns are loaded
+    # before the store, so out may be a row of J (no other program touches these columns).
+    q = q0 + tl.arange(0, BLOCK)
+    m = (q >= base) & (q < hi)
+    r = tl.arange(0, KC)
+    x = tl.load(J + r.to(tl.int64)[:, None] * ld + q[None, :], mask=(r < K)[:, None] & m[None, :],
+                other=0.0).to(ACC)
+    acc = tl.sum(w0[:, None] * x, axis=0)
+    for c in tl.static_range(1, NKC):  # K > KC: further row chunks (unrolled)
+        rc = c * KC + r
+        wc = tl.load(weights + s * K + rc, mask=rc < K, other=0.0)
+        x = tl.load(J + rc.to(tl.int64)[:, None] * ld + q[None, :],
+                    mask=(rc < K)[:, None] & m[None, :], other=0.0).to(ACC)
+        acc += tl.sum(wc[:, None] * x, axis=0)
+    tl.store(out + q, cast_out(acc, out.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _scombine_kernel(J, out, tile_end, offsets, numels, weights, K, ld, S, nsteps,
+                     TILE: tl.constexpr, BS: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
+                     BLOCK: tl.constexpr, ALIGN: tl.constexpr, NS: tl.constexpr,
+                     ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+    head = tl.where(cnt > 0, base % ALIGN, 0)
+    start = base - head
+    hi = base + cnt
+    r = tl.arange(0, KC)
+    w0 = tl.load(weights + s * K + r, mask=(r < K) & (cnt > 0), other=0.0)
+    if _INTERP:
+        i = cnt * 0
+        while i < cnt + head:
+            _scombine_step(J, out, weights, w0, s, K, ld, start + i, base, hi, KC, NKC, BLOCK,
+                           ACC)
+            i += BLOCK
+    else:
+        for i in tl.range(0, cnt + head, BLOCK, num_stages=NS):
+            _scombine_step(J, out, weights, w0, s, K, ld, tl.multiple_of(start + i, ALIGN), base,
+                           hi, KC, NKC, BLOCK, ACC)
+
+
 # --- launchers --------------------------------------------------------------------------------
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -318,11 +462,14 @@ def _check(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, *per_se
     return S
 
 
-def _tile_map(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor):
+def _tile_map(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor,
+              n: Optional[int] = None):
     """Launch parameters, from shapes only: (tile_end, BS, grid size, binary-search steps).
-    For S <= SMALL_S the kernels scan the table themselves (BS > 0) and tile_end is a dummy."""
+    For S <= SMALL_S the kernels scan the table themselves (BS > 0) and tile_end is a dummy.
+    ``n``: the length of the indexed range (x.numel() by default; the columns of J for the
+    column-segment ops)."""
     S = offsets.numel()
-    grid = triton.cdiv(x.numel(), TILE) + S
+    grid = triton.cdiv(x.numel() if n is None else n, TILE) + S
     if S <= SMALL_S:
         return numels, max(16, triton.next_power_of_2(S)), grid, 0
     tile_end = torch.empty(S, dtype=torch.int64, device=x.device)
@@ -395,4 +542,79 @@ def segment_lerp_(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, numel
     offsets, numels, weight = offsets.contiguous(), numels.contiguous(), weight.contiguous()
     tile_end, BS, grid, nsteps = _tile_map(x, offsets, numels)
     _lerp_kernel[(grid,)](x, y, tile_end, offsets, numels, weight, S, nsteps, BS=BS, **_common(x))
+    return None
+
+
+def _check_columns(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -> int:
+    _check_J(J)
+    if offsets.dtype != torch.int64 or numels.dtype != torch.int64:
+        raise TypeError("offsets and numels must be int64")
+    if offsets.dim() != 1 or offsets.shape != numels.shape:
+        raise ValueError("offsets and numels must be 1-D of equal length")
+    if offsets.device != J.device or numels.device != J.device:
+        raise ValueError("the segment table must be on J's device")
+    return offsets.numel()
+
+
+def segment_gram(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
+    """Per-segment Gram matrices J[:, seg] @ J[:, seg].T of the column segments of J (K, P):
+    (S, K, K) in the accumulation dtype, exactly symmetric.
+
+    One pass over J for K <= 8 (one row block: each element is loaded once). Larger K is split
+    into row blocks of 8 and one program per tile and upper-triangle block pair, as in
+    kernels.gram: correct for any K, but a row block is re-read by each of its pairs (mostly from
+    L2), so the traffic grows with K / 8.
+    """
+    S = _check_columns(J, offsets, numels)
+    K, P = J.shape
+    acc = accumulation_dtype(J.dtype)
+    if S == 0 or K == 0 or P == 0:  # P == 0: every (valid) segment is empty
+        return torch.zeros(S, K, K, dtype=acc, device=J.device)
+    offsets, numels = offsets.contiguous(), numels.contiguous()
+    half = J.dtype in (torch.float16, torch.bfloat16)
+    RB = min(8, triton.next_power_of_2(K))
+    NB = triton.cdiv(K, RB)
+    KP = NB * RB
+    num_warps, VEC, U, NS = _PAIRS_CONFIG[(half, RB)]
+    tile_end, BS, grid, nsteps = _tile_map(J, offsets, numels, P)
+    part = torch.empty(grid, KP, KP, dtype=acc, device=J.device)
+    _sgram_partial_kernel[(grid, NB * NB)](
+        J, tile_end, offsets, numels, part, K, _row_stride(J), S, nsteps, NB, KP, TILE=TILE, BS=BS,
+        RB=RB, BLOCK=32 * num_warps * VEC, U=U, ALIGN=ALIGN, NS=NS, ACC=_tl_acc(J.dtype),
+        SINGLE=NB == 1, num_warps=num_warps)
+    out = torch.empty(S, K, K, dtype=acc, device=J.device)
+    BLOCK_E = min(256, triton.next_power_of_2(K * K))
+    _sgram_reduce_kernel[(S, triton.cdiv(K * K, BLOCK_E))](
+        part, tile_end, numels, out, K, KP, TILE=TILE, BS=BS, BLOCK_E=BLOCK_E,
+        RP=max(1, 1024 // BLOCK_E), num_warps=4)
+    return out
+
+
+def segment_combine_(out: torch.Tensor, J: torch.Tensor, offsets: torch.Tensor,
+                     numels: torch.Tensor, weights: torch.Tensor) -> None:
+    """In place: out[seg s] = weights[s] @ J[:, seg s], accumulated in the accumulation dtype and
+    stored in out's dtype (J's). out may be a row of J. One pass over J; any K (rows are read in
+    unrolled chunks of up to 16)."""
+    S = _check_columns(J, offsets, numels)
+    K, P = J.shape
+    acc = accumulation_dtype(J.dtype)
+    if out.dim() != 1 or not out.is_contiguous() or out.shape[0] != P or out.dtype != J.dtype:
+        raise ValueError(f"out must be a contiguous ({P},) tensor of J's dtype {J.dtype}")
+    if out.device != J.device or weights.device != J.device:
+        raise ValueError("out and weights must be on J's device")
+    if weights.shape != (S, K) or weights.dtype != acc:
+        raise ValueError(f"weights must be a ({S}, {K}) tensor of {acc}")
+    if S == 0 or P == 0:
+        return None
+    offsets, numels, weights = offsets.contiguous(), numels.contiguous(), weights.contiguous()
+    KC = min(16, triton.next_power_of_2(max(K, 1)))
+    NKC = max(1, triton.cdiv(K, KC))
+    # About 4096 elements of J per loop step (2048 columns for K <= 2, 256 for K >= 16).
+    block = max(256, min(2048, 4096 // KC))
+    tile_end, BS, grid, nsteps = _tile_map(J, offsets, numels, P)
+    _scombine_kernel[(grid,)](
+        J if K > 0 else out,  # K == 0: nothing of J is read (segments become 0)
+        out, tile_end, offsets, numels, weights, K, _row_stride(J), S, nsteps, TILE=TILE, BS=BS,
+        KC=KC, NKC=NKC, BLOCK=block, ALIGN=ALIGN, NS=NUM_STAGES, ACC=_tl_acc(J.dtype),
+        num_warps=NUM_WARPS)
     return None
