@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad.reference import philox4x32
 
 __all__ = ["Aggregator", "GramianAggregator"]
 
@@ -136,41 +137,37 @@ GramianAggregator = Aggregator
 
 
 class SeededMixin:
-    """A ``torch.Generator`` per device, seeded with ``seed``; its state is in ``state_dict``.
+    """A counter-based random stream: Philox4x32-10 keyed by ``seed`` (the same generator as the
+    fused ops' noise, :func:`mmgrad.reference.philox4x32`), with one int64 counter per device.
 
-    On CUDA the generator is a device generator, so drawing from it never synchronises.
+    Drawing is plain tensor arithmetic on the device: it never synchronises, replays in CUDA
+    graphs (the counter advances in place) and traces under ``torch.compile``. The counters are in
+    ``state_dict``, so a resumed run draws the same numbers.
     """
 
     seed: int
-    _gens: dict
+    _counters: dict
 
     def _init_gen(self, seed: int) -> None:
         self.seed = int(seed)
-        self._gens = {}
-        self._pending_gen_state: Optional[dict] = None
+        self._counters = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
+    def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``n`` uniform numbers in [0, 1) (24 random bits each), advancing the stream by ``n``."""
         key = str(device)
-        g = self._gens.get(key)
-        if g is None:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed)
-            if self._pending_gen_state is not None and key in self._pending_gen_state:
-                g.set_state(self._pending_gen_state.pop(key))
-            self._gens[key] = g
-        return g
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._counters[key] = torch.zeros((), dtype=torch.int64, device=device)
+        index = counter + torch.arange(n, dtype=torch.int64, device=device)
+        bits, _, _, _ = philox4x32(index, torch.tensor(self.seed, dtype=torch.int64, device=device))
+        counter.add_(n)
+        return (bits >> 8).to(dtype) * (2.0**-24)
 
     def _gen_state(self) -> dict:
-        out = {k: g.get_state() for k, g in self._gens.items()}
-        if self._pending_gen_state:
-            for k, v in self._pending_gen_state.items():
-                out.setdefault(k, v)
-        return out
+        return {k: c.clone() for k, c in self._counters.items()}
 
     def _load_gen_state(self, states: dict) -> None:
-        self._gens = {}
-        self._pending_gen_state = {k: v.clone() for k, v in states.items()}
+        self._counters = {k: v.clone().to(k) for k, v in states.items()}
 
     def _reset_gen(self) -> None:
-        self._gens = {}
-        self._pending_gen_state = None
+        self._counters = {}

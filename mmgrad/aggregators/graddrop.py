@@ -63,14 +63,13 @@ class GradDrop(SeededMixin, Aggregator):
             if leak is None:
                 leak = self.leak.to(device=J.device, dtype=acc).unsqueeze(1)
                 self._leak_cache[key] = leak
-        gen = self._generator(J.device)
         for start in range(0, P, self.block):
             Jb = J[:, start:start + self.block].to(acc)
             s = Jb.sum(0)
             a = Jb.abs().sum(0)
             purity = 0.5 * (1.0 + s / torch.where(a > 0, a, torch.ones_like(a)))
             fP = self.f(purity)
-            U = torch.rand(Jb.shape[1], generator=gen, device=J.device, dtype=acc)
+            U = self._uniform(Jb.shape[1], J.device, acc)
             keep = ((fP > U) & (Jb > 0)) | ((fP < U) & (Jb < 0))
             if leak is None:
                 r = (Jb * keep).sum(0)

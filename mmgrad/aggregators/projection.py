@@ -17,9 +17,10 @@ import torch
 from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve
 
 
-def _orders(K: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """(K, K) int64: row ``i`` is a random permutation of ``0..K-1`` (``i`` itself is skipped)."""
-    return torch.rand((K, K), generator=gen, device=device).argsort(dim=1)
+def _orders(K: int, uniform) -> torch.Tensor:
+    """(K, K) int64: row ``i`` is a random permutation of ``0..K-1`` (``i`` itself is skipped);
+    ``uniform(n)`` draws the random numbers."""
+    return uniform(K * K).view(K, K).argsort(dim=1)
 
 
 def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ class PCGrad(SeededMixin, Aggregator):
         Gn, _ = normalize_trace(to_solve(G))
         K = G.shape[0]
         if order is None:
-            order = _orders(K, self._generator(G.device), G.device)
+            order = _orders(K, lambda n: self._uniform(n, G.device))
         w = pcgrad_coefficients(Gn, order).sum(0)
         if self.reduction == "mean":
             w = w / K
@@ -158,7 +159,7 @@ class GradVac(SeededMixin, Aggregator):
         elif phi.device != Gn.device or phi.dtype != Gn.dtype:
             phi = phi.to(device=Gn.device, dtype=Gn.dtype)
         if order is None:
-            order = _orders(K, self._generator(G.device), G.device)
+            order = _orders(K, lambda n: self._uniform(n, G.device))
         C, self.phi_t = gradvac_coefficients(Gn, order, phi, self.beta, self.eps)
         return C.sum(0).to(G.dtype)
 
