@@ -230,6 +230,20 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return torch.isfinite(norms).all()
 
     def _inner_step(self, finite: torch.Tensor) -> None:
+        update_scale = self.diagnostics.pop("update_scale", None)
+        if update_scale is None:
+            self._wrapped_step(finite)
+            return
+        # theta <- theta_old + k * (theta_new - theta_old) for the scaled tensors.
+        indices, scale = update_scale  # host list of buffer parameter indices, (len,) device factors
+        params = [self._buffer.params[i] for i in indices]
+        before = [p.detach().clone() for p in params]
+        self._wrapped_step(finite)
+        with torch.no_grad():
+            torch._foreach_lerp_(before, [p.detach() for p in params], list(scale.to(params[0].dtype).unbind()))
+            torch._foreach_copy_([p.detach() for p in params], before)
+
+    def _wrapped_step(self, finite: torch.Tensor) -> None:
         opt = self.optimizer
         unused = self._buffer.params_without_grad()
         saved = [(self._buffer.params[i], self._buffer.params[i].grad) for i in unused]

@@ -465,3 +465,26 @@ def test_impartial_module_aggregates_per_branch_parameter_gradients():
     (0.5 * (twin(xs[0]).pow(2).sum() + 3 * twin(xs[1]).sum())).backward()
     for p, q in zip(dec.parameters(), twin.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-12)
+
+
+def test_ogm_update_scaling_scales_the_adam_update():
+    model, xs, y = make()
+    twin = copy.deepcopy(model)
+    opt = mmgrad.BalancedOptimizer(torch.optim.Adam(model.parameters(), lr=1e-2), modalities=dict(model.encoders.items()),
+                                   method=mmgrad.OGM(alpha=0.8, scale="update"))
+    plain = torch.optim.Adam(twin.parameters(), lr=1e-2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.zero_grad()
+    out, split, _ = model(xs)
+    opt.backward(F.cross_entropy(out, y), logits=split, targets=y)
+    opt.step()
+    plain.zero_grad()
+    out, _, _ = twin(xs)
+    F.cross_entropy(out, y).backward()
+    plain.step()
+    k = dict(zip(model.names, opt.diagnostics["coeff"].tolist()))
+    assert min(k.values()) < 1
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        m = n.split(".")[1] if n.startswith("encoders.") else None
+        factor = k[m] if m is not None and p.dim() == 4 else 1.0
+        assert torch.allclose(p - before[n], factor * (q.detach() - before[n]), atol=1e-12), n

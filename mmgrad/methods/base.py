@@ -114,7 +114,10 @@ class BalancingMethod:
     # --- per step ---------------------------------------------------------------------------------
 
     def edit(self, context: "StepContext") -> dict[str, torch.Tensor]:
-        """Rewrite the gradient rows in place; return diagnostics (device tensors)."""
+        """Rewrite the gradient rows in place; return diagnostics (device tensors). A method that
+        scales parameter updates rather than gradients returns ``diagnostics["update_scale"] =
+        (buffer parameter indices, per-tensor factors)``; the optimizer applies it around the
+        wrapped optimizer's step."""
         raise NotImplementedError
 
 

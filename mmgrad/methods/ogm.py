@@ -75,9 +75,12 @@ class OGM(BalancingMethod):
         shifted: use ``alpha * (rho - 1)`` (continuous at rho = 1) instead of ``alpha * rho``.
         eps: added to the ratio's denominator (0 in the reference code, 1e-5 in BalanceMM).
         seed: seed of the GE noise (default: drawn from torch's generator at construction).
+        scale: ``"gradient"`` (the papers) multiplies the gradient by ``k``; ``"update"`` multiplies
+            the parameter update the wrapped optimizer makes instead, which keeps the effect under
+            Adam / AdamW (they normalise a constant per-tensor gradient rescale away).
 
-    Under Adam/AdamW a constant per-tensor rescale of the gradient is mostly normalised away;
-    SGD (as in the papers) sees the full effect.
+    Under Adam/AdamW a constant per-tensor rescale of the gradient is mostly normalised away
+    (use ``scale="update"``); SGD (as in the papers) sees the full effect.
 
     ``opt.backward(loss, logits={m: unimodal_logits_m}, targets=y)`` once per micro-batch; scores
     accumulate over micro-batches until ``step()``.
@@ -96,6 +99,7 @@ class OGM(BalancingMethod):
         shifted: bool = False,
         eps: float = 0.0,
         seed: Optional[int] = None,
+        scale: str = "gradient",
     ):
         super().__init__()
         if not alpha > 0:
@@ -113,6 +117,9 @@ class OGM(BalancingMethod):
         self.ratio_mode = ratio
         self.shifted = shifted
         self.eps = float(eps)
+        if scale not in ("gradient", "update"):
+            raise ValueError(f"scale must be 'gradient' or 'update', got {scale!r}")
+        self.scale_target = scale
         # Drawn from torch's default generator when not given, so torch.manual_seed fixes it.
         self._initial_seed = int(seed) if seed is not None else int(torch.randint(0, 2**62, ()).item())
         self._seed: Optional[torch.Tensor] = None
@@ -124,6 +131,7 @@ class OGM(BalancingMethod):
             self._modulated, self._modulated_modality, self._modulated_index = layout.filtered(self.params)
         except ValueError as exc:
             raise ValueError(f"{type(self).__name__}: {exc} (no 4-D conv kernels?)") from None
+        self._modulated_host_index = self._modulated_index.tolist()
         self._seed = torch.tensor([self._initial_seed], dtype=torch.int64, device=layout.device)
         self._scores = torch.zeros(len(layout.names), dtype=torch.float64, device=layout.device)
 
@@ -155,6 +163,11 @@ class OGM(BalancingMethod):
             return diagnostics
         mod = self._modulated
         scale = coeff[self._modulated_modality]
+        if self.scale_target == "update":
+            # The optimizer scales each modulated tensor's update by k after the inner step; the
+            # gradient itself is left unscaled (noise, if any, is still added to it).
+            diagnostics["update_scale"] = (self._modulated_host_index, scale)
+            scale = torch.ones_like(scale)
         if self.noise:
             # The reference code's sigma = p.grad.std() + 1e-8, of the unscaled gradient.
             std = ops.segment_std(moments, seg.numels)[self._modulated_index] + 1e-8
