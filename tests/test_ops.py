@@ -12,7 +12,7 @@ float64, so only accumulation and output rounding count):
 import pytest
 import torch
 
-from conftest import backend_cases
+from conftest import REQUIRE_CPP, backend_cases
 from mmgrad import ops, reference
 
 CASES = backend_cases()
@@ -318,3 +318,12 @@ def test_backend_policy(monkeypatch):
         ops.gram(torch.randn(2, 3))
     with pytest.raises(RuntimeError, match="C\\+\\+ backend runs on CPU"):
         ops.resolve_backend(torch.device("meta"), "cpp")
+
+
+@pytest.mark.skipif(not REQUIRE_CPP, reason="only under `make test` (MMGRAD_REQUIRE_CPP=1), which installs the extension")
+def test_the_cpp_backend_is_built_and_serves_cpu_tensors_by_default(monkeypatch):
+    monkeypatch.delenv("MMGRAD_BACKEND", raising=False)
+    import mmgrad._C  # noqa: F401  (the compiled extension itself, not a fallback)
+
+    assert ops.available_backends("cpu")["cpp"] is None
+    assert ops.resolve_backend(torch.device("cpu")) == "cpp"
