@@ -80,3 +80,44 @@ def test_cuda_matches_cpu_reference_on_large_rows():
     G64 = J.double().cpu() @ J.double().cpu().T
     d = G64.diagonal().sqrt()
     assert ((ops.gram(J).double().cpu() - G64).abs() <= 1e-5 * torch.outer(d, d)).all()
+
+
+@pytest.mark.parametrize("method", ["ogmge", "mmpareto", "upgrad", "agm"])
+def test_a_balanced_training_step_is_sync_free_with_a_fused_optimizer(method):
+    import torch.nn.functional as F
+    from torch import nn
+
+    import mmgrad
+
+    torch.manual_seed(0)
+    enc = nn.ModuleDict({m: nn.Sequential(nn.Conv2d(c, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                         for m, c in (("a", 1), ("v", 3))}).cuda()
+    head, uni = nn.Linear(16, 5).cuda(), nn.ModuleDict({m: nn.Linear(8, 5) for m in ("a", "v")}).cuda()
+    params = [*enc.parameters(), *head.parameters(), *uni.parameters()]
+    inner = torch.optim.SGD(params, lr=0.01, momentum=0.9, fused=True)
+    chosen = {"ogmge": mmgrad.OGMGE(alpha=0.8), "mmpareto": mmgrad.MMPareto(), "agm": mmgrad.AGM(), "upgrad": "upgrad"}[method]
+    kwargs = {"shared": list(enc.parameters())} if method == "upgrad" else {"modalities": dict(enc.items())}
+    opt = mmgrad.BalancedOptimizer(inner, method=chosen, **kwargs)
+    xs = {"a": torch.randn(8, 1, 9, 9, device="cuda"), "v": torch.randn(8, 3, 9, 9, device="cuda")}
+    y = torch.randint(0, 5, (8,), device="cuda")
+
+    def step():
+        z = {m: enc[m](x) for m, x in xs.items()}
+        out = head(torch.cat([z["a"], z["v"]], 1))
+        opt.zero_grad()
+        if method in ("ogmge", "agm"):
+            opt.backward(F.cross_entropy(out, y), logits=mmgrad.nn.split_concat_logits(head, z), targets=y)
+        elif method == "mmpareto":
+            opt.backward({"fusion": F.cross_entropy(out, y), **{m: F.cross_entropy(uni[m](z[m]), y) for m in z}})
+        else:
+            opt.backward([F.cross_entropy(out, y)] + [F.cross_entropy(uni[m](z[m]), y) for m in z])
+        opt.step()
+
+    step()  # warm-up: kernel compilation and lazy state may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p).all() for p in params)
