@@ -38,7 +38,10 @@ def _extensions():
         return [], {}
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 in 2.13).
+    # -Wno-psabi: GCC notes an ABI change for 32-byte vector arguments of the kernels' always-inline
+    # helpers, which never cross an ABI boundary.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"]
     ext = CppExtension(
         "mmgrad._C",
         sources,

@@ -1,0 +1,30 @@
+// Constants of the counter-based Gaussian noise (mmgrad.reference.philox_normal).
+#pragma once
+
+#include <cstdint>
+
+namespace mmgrad {
+namespace cpu {
+
+constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
+constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
+constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+// ln(1 + f) = f - f^2/2 + f^3 * Q(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1]; Q fitted (weighted
+// least squares with Lawson iterations) to 6e-9 relative error of ln(1 + f).
+constexpr float kLogQ[8] = {0.3333333173296609f,  -0.250008204745169f,  0.20001224031251824f,
+                            -0.16623375846020147f, 0.14201837242567236f, -0.1316007503730422f,
+                            0.12760956294558246f,  -0.07634007816658152f};
+// ln 2 split so that e * kLn2Hi is exact for |e| <= 2^8.
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440054690583e-4f;
+// sin(pi/2 f) = f * S(f^2) and cos(pi/2 f) = C(f^2) on f in [-1/2, 1/2]; relative errors 3e-9
+// and 6e-11 before float rounding.
+constexpr float kSinS[4] = {1.5707963217245615f, -0.6459634616487263f, 0.07968005039894026f,
+                            -0.004601711384463896f};
+constexpr float kCosC[5] = {0.9999999999440893f, -1.2337005395860523f, 0.2536691830607748f,
+                            -0.020859939250043376f, 0.0009033699096209647f};
+
+}  // namespace cpu
+}  // namespace mmgrad

@@ -1,0 +1,24 @@
+// Schemas of the mmgrad_C operator library (CPU kernels in csrc/cpu/) and the Python module stub
+// that lets `import mmgrad._C` load this shared object, which registers the ops as a side effect.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(mmgrad_C, m) {
+  m.def("gram(Tensor J) -> Tensor");
+  m.def("combine(Tensor J, Tensor w) -> Tensor");
+  m.def("segment_moments(Tensor x, Tensor offsets, Tensor numels) -> Tensor");
+  m.def("segment_gram(Tensor J, Tensor offsets, Tensor numels) -> Tensor");
+  m.def(
+      "segment_combine_(Tensor(a!) out, Tensor J, Tensor offsets, Tensor numels, Tensor weights) -> ()");
+  m.def(
+      "segment_scale_(Tensor(a!) x, Tensor offsets, Tensor numels, Tensor scale, "
+      "Tensor? noise_std=None, Tensor? seed=None) -> ()");
+  m.def(
+      "segment_lerp_(Tensor(a!) x, Tensor y, Tensor offsets, Tensor numels, Tensor weight) -> ()");
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "mmgrad C++ ops (torch.ops.mmgrad_C)",
+                            -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&def);
+}
