@@ -154,14 +154,28 @@ class SeededMixin:
 
     def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``n`` uniform numbers in [0, 1) (24 random bits each), advancing the stream by ``n``."""
-        key = str(device)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._counters[key] = torch.zeros((), dtype=torch.int64, device=device)
+        counter, key = self._stream(device)
         index = counter + torch.arange(n, dtype=torch.int64, device=device)
-        bits, _, _, _ = philox4x32(index, torch.tensor(self.seed, dtype=torch.int64, device=device))
+        bits, _, _, _ = philox4x32(index, key)
         counter.add_(n)
         return (bits >> 8).to(dtype) * (2.0**-24)
+
+    def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The numbers a ``_uniform(total, ...)`` call would give at positions ``index`` (int64),
+        advancing the stream by ``total``: a shard of a draw over ``total`` elements."""
+        counter, key = self._stream(index.device)
+        bits, _, _, _ = philox4x32(counter + index, key)
+        counter.add_(int(total))
+        return (bits >> 8).to(dtype) * (2.0**-24)
+
+    def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The counter and the Philox key of ``device``, made with fill kernels (a host-to-device
+        copy of the seed would synchronise)."""
+        name = str(device)
+        counter = self._counters.get(name)
+        if counter is None:
+            counter = self._counters[name] = torch.zeros((), dtype=torch.int64, device=device)
+        return counter, torch.full((), self.seed, dtype=torch.int64, device=device)
 
     def _gen_state(self) -> dict:
         return {k: c.clone() for k, c in self._counters.items()}

@@ -47,13 +47,21 @@ class GradDrop(SeededMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         raise TypeError("GradDrop is elementwise: it has no Gram-based weights; call it on J")
 
-    def __call__(self, J: torch.Tensor) -> torch.Tensor:
+    def __call__(self, J: torch.Tensor, columns: Optional[torch.Tensor] = None, total: Optional[int] = None) -> torch.Tensor:
+        """``columns`` / ``total``: ``J`` holds the columns ``columns`` (int64, (P,)) of a (K, total)
+        matrix (a shard of it): the random draws are those of the whole matrix at these columns."""
         check_matrix(J)
         K, P = J.shape
         out = torch.empty(P, dtype=J.dtype, device=J.device)
+        acc = torch.float64 if J.dtype == torch.float64 else torch.float32
+        if columns is not None:  # drawn (and the stream advanced) even for an empty shard
+            draws = self._uniform_at(columns.to(J.device), P if total is None else total, acc)
+        else:
+            # All P draws up front, in large pieces: the Philox stream is ~100 elementwise torch
+            # ops, so drawing per 32K-column block would cost ~100 kernel launches per block.
+            draws = torch.cat([self._uniform(min(1 << 22, P - i), J.device, acc) for i in range(0, P, 1 << 22)]) if P else None
         if P == 0:
             return out
-        acc = torch.float64 if J.dtype == torch.float64 else torch.float32
         leak = None
         if self.leak is not None:
             if self.leak.shape[0] != K:
@@ -69,7 +77,7 @@ class GradDrop(SeededMixin, Aggregator):
             a = Jb.abs().sum(0)
             purity = 0.5 * (1.0 + s / torch.where(a > 0, a, torch.ones_like(a)))
             fP = self.f(purity)
-            U = self._uniform(Jb.shape[1], J.device, acc)
+            U = draws[start:start + self.block]
             keep = ((fP > U) & (Jb > 0)) | ((fP < U) & (Jb < 0))
             if leak is None:
                 r = (Jb * keep).sum(0)

@@ -56,9 +56,10 @@ class MultiObjective(BalancingMethod):
         buffer = self.layout.buffer
         J = buffer.data
         # Rows other than the last bound one may still carry a GradScaler's scale.
-        scale = torch.full((self.rows,), 1.0, device=J.device) * context.row_scale
-        scale[buffer.active_row] = 1.0
-        G = ops.gram(J) * scale[:, None] * scale[None, :]
+        rows = torch.arange(self.rows, device=J.device)
+        scale = torch.where(rows == buffer.active_row, torch.ones_like(context.row_scale), context.row_scale)
+        # G = sum over shards of J_s J_s^T: with sharded parameters only these K x K numbers cross ranks.
+        G = context.reduce_stats(ops.gram(J)) * scale[:, None] * scale[None, :]
         finite = torch.isfinite(G).all()
         if getattr(self.aggregator, "gramian_based", True):
             w = self.aggregator.weights(G).to(G.dtype) * scale
@@ -66,12 +67,22 @@ class MultiObjective(BalancingMethod):
             ops.segment_combine_(buffer.row(0), J, self._whole[0], self._whole[1], w[None, :])
         else:  # GradDrop: elementwise, needs the unscaled rows themselves
             J.mul_(scale[:, None].to(J.dtype))
-            buffer.row(0).copy_(self.aggregator(J))
+            if buffer.sharded:  # random draws keyed by each element's index in the unsharded buffer
+                buffer.row(0).copy_(self.aggregator(J, columns=self._columns(), total=sum(buffer.global_numels)))
+            else:
+                buffer.row(0).copy_(self.aggregator(J))
             w = None
         diagnostics = {"finite": finite, "gram": G}
         if w is not None:
             diagnostics["weights"] = w
         return diagnostics
+
+    def _columns(self) -> torch.Tensor:
+        """Index of every local element of a sharded buffer in the unsharded one."""
+        from mmgrad.distributed import global_element_index
+
+        layout = self.layout
+        return torch.cat([global_element_index(p) + base for p, base in zip(layout.buffer.params, layout.tensor_offsets_host)])
 
     def state_dict(self) -> dict:
         sd = getattr(self.aggregator, "state_dict", None)

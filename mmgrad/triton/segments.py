@@ -612,9 +612,16 @@ def segment_combine_(out: torch.Tensor, J: torch.Tensor, offsets: torch.Tensor,
     # About 4096 elements of J per loop step (2048 columns for K <= 2, 256 for K >= 16).
     block = max(256, min(2048, 4096 // KC))
     tile_end, BS, grid, nsteps = _tile_map(J, offsets, numels, P)
+    # Compiled on an H100, writing into a row of J in place gave results that differ from the
+    # unaliased ones (seen for K = 2..8; not in the interpreter). Until the kernel is fixed, an
+    # aliased out goes through a copy: two extra passes over P, correct results.
+    aliased = K > 0 and out.untyped_storage().data_ptr() == J.untyped_storage().data_ptr()
+    target = out.clone() if aliased else out
     _scombine_kernel[(grid,)](
-        J if K > 0 else out,  # K == 0: nothing of J is read (segments become 0)
-        out, tile_end, offsets, numels, weights, K, _row_stride(J), S, nsteps, TILE=TILE, BS=BS,
+        J if K > 0 else target,  # K == 0: nothing of J is read (segments become 0)
+        target, tile_end, offsets, numels, weights, K, _row_stride(J), S, nsteps, TILE=TILE, BS=BS,
         KC=KC, NKC=NKC, BLOCK=block, ALIGN=ALIGN, NS=NUM_STAGES, ACC=_tl_acc(J.dtype),
         num_warps=NUM_WARPS)
+    if aliased:
+        out.copy_(target)
     return None
