@@ -5,6 +5,10 @@ dtype and device, and makes each parameter's ``.grad`` a view into one row. ``ba
 accumulates straight into the flat buffer (autograd adds in place into an existing ``.grad``), so
 the fused ops read every objective's gradient with no ``torch.cat`` and no per-parameter copy.
 Binding row k before a backward pass gathers that pass's gradient into row k.
+
+Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard``) work the same way on their local
+shards: the buffer holds this rank's shard of every row, and ``.grad`` is a ``DTensor`` whose local
+tensor is a view of the row (FSDP2 accumulates its reduce-scattered gradient into it in place).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from collections import OrderedDict
 from typing import Iterable, Optional, Sequence
 
 import torch
+
+from mmgrad.distributed import is_sharded, local_tensor, wrap_grad
 
 __all__ = ["SegmentTable", "FlatGradBuffer", "flat_grad_buffers"]
 
@@ -77,7 +83,9 @@ class FlatGradBuffer:
     """One contiguous ``(rows, P)`` gradient storage for ``params`` (one dtype, one device).
 
     Each parameter occupies ``[offset, offset + numel)`` of every row; ``bind(k)`` makes every
-    parameter's ``.grad`` a view of row k. Parameters that received no gradient since the last
+    parameter's ``.grad`` a view of row k. For a sharded parameter (``DTensor``) ``numel`` is that
+    of the local shard and ``.grad`` a ``DTensor`` over the view; :attr:`global_numels` holds the
+    full tensors' sizes. Parameters that received no gradient since the last
     :meth:`zero_` are reported by :meth:`params_without_grad` (autograd's post-accumulate hooks mark
     the others), because their ``.grad`` is a zero view rather than ``None``.
     """
@@ -104,7 +112,10 @@ class FlatGradBuffer:
             if id(p) in seen:
                 raise ValueError("the same parameter appears twice")
             seen.add(id(p))
-        numels = [p.numel() for p in self.params]
+        self.sharded = any(is_sharded(p) for p in self.params)
+        numels = [local_tensor(p).numel() for p in self.params]
+        #: numel of each whole parameter (equal to the segment sizes unless sharded).
+        self.global_numels = [p.numel() for p in self.params]
         offsets, total = [], 0
         for n in numels:
             offsets.append(total)
@@ -150,7 +161,7 @@ class FlatGradBuffer:
     def _make_views(self, row: int) -> list[torch.Tensor]:
         flat = self.data[row]
         return [
-            _grad_view(flat, o, p)
+            wrap_grad(_grad_view(flat, o, local_tensor(p)), p)
             for p, o in zip(self.params, self.segments.host_offsets)
         ]
 
@@ -169,12 +180,12 @@ class FlatGradBuffer:
             if g is not None and not self._owns(g):
                 if g.is_sparse:
                     raise ValueError("sparse gradients are not supported by mmgrad's flat buffers")
-                view.add_(g)
+                local_tensor(view).add_(local_tensor(g))
             p.grad = view
         self.active_row = row
 
     def _owns(self, t: torch.Tensor) -> bool:
-        return t.untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
+        return local_tensor(t).untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
 
     def is_bound(self) -> bool:
         """True when every parameter's ``.grad`` is still the view of the active row (a
@@ -197,6 +208,11 @@ class FlatGradBuffer:
     def params_without_grad(self) -> list[int]:
         """Indices of the parameters no backward pass reached since the last :meth:`zero_`."""
         return [i for i in range(len(self.params)) if i not in self._received]
+
+    def set_received(self, indices: Iterable[int]) -> None:
+        """Replace the set of parameters reported as having received a gradient (data-parallel
+        training makes it the union over ranks)."""
+        self._received = set(int(i) for i in indices)
 
     def close(self) -> None:
         """Remove the hooks and detach the ``.grad`` views from the buffer."""
@@ -227,6 +243,7 @@ def _is_dense_permutation(p: torch.Tensor) -> bool:
 
 
 def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = local_tensor(a), local_tensor(b)
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Union
 import torch
 from torch import nn
 
+from mmgrad import distributed as _dist
 from mmgrad.buffers import FlatGradBuffer
 from mmgrad.methods.base import BalancingMethod, ModalityLayout, StepContext
 
@@ -49,6 +50,16 @@ class BalancedOptimizer(torch.optim.Optimizer):
             (``fused=True``), which skips on the device.
         grad_scaler: the ``torch.amp.GradScaler`` in use, if any, so that gradient rows kept apart
             from ``.grad`` are unscaled like ``.grad`` (multi-row methods need it).
+        process_group: data-parallel group (see :mod:`mmgrad.distributed`). By default: ``ddp``'s
+            group, else the sharded (FSDP2 / DTensor) parameters' mesh, else ``torch.distributed``'s
+            default group when it is initialised with more than one rank; a single process
+            otherwise.
+        ddp: the ``DistributedDataParallel`` module that wraps the model, if any. mmgrad then runs
+            every backward pass as under ``ddp.no_sync()`` and averages the gradients itself, once
+            per ``step()`` (DDP's reducer allows one backward pass per forward).
+        distributed: ``"exact"`` (default: the result equals one process on the concatenated
+            batch), ``"local_gram"`` or ``"local"`` (cheaper data-parallel approximations, see
+            :mod:`mmgrad.distributed`), or ``"off"`` (independent processes).
 
     Usage::
 
@@ -69,6 +80,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         shared: Optional[ParamSource] = None,
         nonfinite: str = "skip",
         grad_scaler: Optional["torch.amp.GradScaler"] = None,
+        process_group=None,
+        ddp: Optional[nn.Module] = None,
+        distributed: str = "exact",
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -109,6 +123,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self._layout = layout
         self._buffer = layout.buffer
         self.method.attach(layout)
+        self._sync = _dist.setup(self, process_group=process_group, ddp=ddp, mode=distributed)
+        self._synced: Optional[torch.Tensor] = None  # agreed finite flag once synchronize() ran
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -172,13 +188,34 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Zero every gradient; the modality gradients stay views of the flat buffer."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         self._buffer.zero_()
+        self._synced = None
+
+    def synchronize(self) -> None:
+        """Under data parallelism, average the gradients (and the methods' per-batch statistics)
+        over ranks now rather than at the start of ``step()``; a no-op in a single process or when
+        already done for this step. Call it before ``scaler.step(opt)`` when a ``GradScaler`` is in
+        use, so that its inf/NaN check sees the averaged gradients and every rank takes the same
+        decision (otherwise one rank may skip ``step()`` while the others wait for it)."""
+        if self._sync is not None and self._synced is None:
+            if not self._buffer.is_bound():
+                self._buffer.bind(self._buffer.active_row)
+            self._synced = self._sync.before_edit(self, self._local_finite())
 
     def backward(self, loss, **batch) -> None:
         """Back-propagate one micro-batch the way the method needs (one or several passes into the
         buffer rows). ``loss`` is a tensor, or a list / dict of losses for multi-objective methods;
         ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
         micro-batch; gradients accumulate until ``step()``."""
-        self.method.backward(self, loss, **batch)
+        self._synced = None  # new gradients: synchronise again
+        try:
+            self.method.backward(self, loss, **batch)
+        except RuntimeError as exc:
+            if self._sync is not None and self._sync.ddp is None and "mark a variable ready only once" in str(exc):
+                raise RuntimeError(
+                    "DistributedDataParallel's reducer saw several backward passes: pass the DDP module "
+                    "as BalancedOptimizer(..., ddp=model) so that mmgrad reduces the gradients itself"
+                ) from exc
+            raise
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -191,18 +228,30 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buffer = self._buffer
         if not buffer.is_bound():
             buffer.bind(buffer.active_row)  # fold in gradients a plain loss.backward() left elsewhere
+        sync = self._sync
+        if sync is None:
+            finite = self._local_finite()
+        elif self._synced is not None:  # synchronize() ran: its flag is the one all ranks agreed on
+            finite = self._synced
+        else:
+            # Average the rows, the other gradients and the per-batch statistics over ranks.
+            finite = sync.before_edit(self, self._local_finite())
         self._warn_modalities_without_grad()
         row_scale = self._row_scale()
         context = StepContext(self._layout, self.epoch, self._step_count, row_scale, self.param_groups)
-        finite = self._others_finite()
-        if not self.method.reports_finite:
-            finite = finite & torch.isfinite(buffer.data).all()  # an extra read of the rows
+        if sync is not None:
+            context.reduce_stats = sync.reduce_stats
         self.diagnostics = self.method.edit(context)
         if self.method.reports_finite:
             finite = finite & self.diagnostics["finite"]
+        if sync is not None:
+            finite = sync.after_edit(self, finite)  # local modes: average the edited gradient
         if self.method.result_row != buffer.active_row:
             buffer.bind(self.method.result_row)
         self._inner_step(finite)
+        if sync is not None:
+            sync.after_step(self)
+            self._synced = None
         self._step_count += 1
         return loss
 
@@ -215,14 +264,23 @@ class BalancedOptimizer(torch.optim.Optimizer):
         # GradScaler.scale() of a one is the current scale as a device tensor (no host sync).
         return 1.0 / self.grad_scaler.scale(one)
 
+    def _local_finite(self) -> torch.Tensor:
+        """Device bool: this rank's gradients are finite (the rows only when the method does not
+        report it from its own statistics)."""
+        finite = self._others_finite()
+        if not self.method.reports_finite:
+            finite = finite & torch.isfinite(self._buffer.data).all()  # an extra read of the rows
+        return finite
+
     def _others_finite(self) -> torch.Tensor:
         """Device bool: the gradients outside the flat buffer (heads, ...) are all finite."""
         ours = self._buffer.data.untyped_storage().data_ptr()
+        local = _dist.local_tensor  # this rank's shard of a DTensor gradient (FSDP2)
         others = [
-            p.grad
+            local(p.grad)
             for g in self.param_groups
             for p in g["params"]
-            if p.grad is not None and p.grad.untyped_storage().data_ptr() != ours
+            if p.grad is not None and local(p.grad).untyped_storage().data_ptr() != ours
         ]
         if not others:
             return torch.ones((), dtype=torch.bool, device=self._buffer.device)
@@ -236,7 +294,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             return
         # theta <- theta_old + k * (theta_new - theta_old) for the scaled tensors.
         indices, scale = update_scale  # host list of buffer parameter indices, (len,) device factors
-        params = [self._buffer.params[i] for i in indices]
+        params = [_dist.local_tensor(self._buffer.params[i]) for i in indices]
         before = [p.detach().clone() for p in params]
         self._wrapped_step(finite)
         with torch.no_grad():

@@ -16,6 +16,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from mmgrad import ops
+from mmgrad.distributed import local_tensor
 from mmgrad.methods.base import BalancingMethod, StepContext
 
 
@@ -69,6 +70,9 @@ class AGM(BalancingMethod):
         optimizer._buffer.bind(0)
         loss.backward()
 
+    def batch_statistics(self) -> list:
+        return [self._score_sum, self._count]
+
     def _ratio(self, s: torch.Tensor) -> torch.Tensor:
         M = s.numel()
         return torch.exp(M / (M - 1) * (s - s.mean()))
@@ -77,7 +81,7 @@ class AGM(BalancingMethod):
         layout = self.layout
         row = layout.buffer.row(0)
         seg = layout.segments
-        moments = ops.segment_moments(row, seg.offsets, seg.numels)
+        moments = context.reduce_stats(ops.segment_moments(row, seg.offsets, seg.numels))
         finite = torch.isfinite(moments).all()
         s = self._score_sum / self._count.clamp_min(1)
         # Running average over steps, updated only on finite steps (a skipped step changes nothing).
@@ -95,14 +99,18 @@ class AGM(BalancingMethod):
         return {"finite": finite, "scores": s, "ratio": ratio, "target_ratio": target, "coeff": coeff}
 
     def _conditional_clip(self, context: StepContext) -> None:
-        fusion_grads = [p.grad for p in self.fusion if p.grad is not None]
+        # On local tensors (shards of DTensor gradients under FSDP): "some fusion entry exceeds the
+        # threshold" as a count and the total squared norm, both sums, made global by reduce_stats.
+        fusion_grads = [local_tensor(p.grad) for p in self.fusion if p.grad is not None]
         if not fusion_grads:
             return
-        exceeds = torch.stack([g.abs().max() for g in fusion_grads]).max() > self.fusion_clip
-        others = [p.grad for g in context.param_groups for p in g["params"] if p.grad is not None]
-        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in others]))
-        factor = torch.where(exceeds, torch.clamp(self.fusion_clip / (total + 1e-6), max=1.0), torch.ones_like(total))
-        torch._foreach_mul_(others, factor)
+        others = [local_tensor(p.grad) for g in context.param_groups for p in g["params"] if p.grad is not None]
+        over = torch.stack([(g.abs() > self.fusion_clip).sum() for g in fusion_grads]).sum().double()
+        sumsq = torch.stack([torch.linalg.vector_norm(g).double() ** 2 for g in others]).sum()
+        over, sumsq = context.reduce_stats(over, sumsq)
+        total = sumsq.sqrt()
+        factor = torch.where(over > 0, torch.clamp(self.fusion_clip / (total + 1e-6), max=1.0), torch.ones_like(total))
+        torch._foreach_mul_(others, factor.to(others[0].dtype))
 
     def state_dict(self) -> dict:
         return {"running": self._running.clone(), "steps": self._steps.clone()}

@@ -10,7 +10,8 @@ gradient row the parameters' ``.grad`` point at (:meth:`BalancingMethod.edit`) w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from functools import cached_property
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -39,6 +40,22 @@ class ModalityLayout:
     @property
     def device(self) -> torch.device:
         return self.buffer.device
+
+    @cached_property
+    def tensor_numels(self) -> torch.Tensor:
+        """(S,) int64 on the device: the numel of each whole parameter tensor (the segment sizes,
+        unless the parameters are sharded: then segments hold this rank's shard)."""
+        return torch.tensor(self.buffer.global_numels, dtype=torch.int64, device=self.device)
+
+    @cached_property
+    def tensor_offsets_host(self) -> list[int]:
+        """Each tensor's offset in the unsharded buffer (host ints): the Philox counter base of its
+        noise, so that sharded and unsharded runs draw the same numbers."""
+        offsets, total = [], 0
+        for n in self.buffer.global_numels:
+            offsets.append(total)
+            total += n
+        return offsets
 
     def select(self, keep: Sequence[bool]) -> tuple[SegmentTable, torch.Tensor]:
         """The segments flagged in ``keep`` and their modality indices (device tensor)."""
@@ -102,6 +119,18 @@ class BalancingMethod:
     def on_epoch(self, epoch: int, optimizer) -> None:
         """Called by ``optimizer.set_epoch(epoch)`` when a new epoch starts."""
 
+    # --- distributed training (mmgrad.distributed) ------------------------------------------------
+
+    def batch_statistics(self) -> list[torch.Tensor]:
+        """The per-step statistics ``backward`` accumulated that are *sums over samples* (scores,
+        counts). Under data parallelism the optimizer sums them over ranks, in place, before
+        ``edit``, so the step sees the statistics of the concatenated batch."""
+        return []
+
+    def broadcast_state(self, broadcast: Callable[[Sequence[torch.Tensor]], None]) -> None:
+        """Called once at construction under data parallelism: pass ``broadcast`` the state tensors
+        that must be equal on every rank (random seeds); they get the first rank's values."""
+
     # --- per micro-batch --------------------------------------------------------------------------
 
     def backward(self, optimizer, loss, **batch) -> None:
@@ -147,6 +176,10 @@ class StepContext:
     row_scale: torch.Tensor
     # The optimizer's param_groups (for methods that touch gradients outside the modalities).
     param_groups: list = field(default_factory=list)
+    #: ``reduce_stats(*tensors)``: make statistics computed from this rank's part of the rows
+    #: (Gram entries, per-tensor moments, counts: sums over gradient elements) global, in place,
+    #: in one all-reduce; returns them. Identity in a single process. Call it before using them.
+    reduce_stats: Callable = field(default=lambda *t: t[0] if len(t) == 1 else t)
 
 
 def _sum_losses(loss) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad.distributed import local_tensor
 from mmgrad.methods.base import BalancingMethod, StepContext
 from mmgrad.methods.ogm import confidence_scores
 
@@ -59,11 +60,14 @@ class InfoReg(BalancingMethod):
         table, mods, index = layout.filtered("weights")
         keep = (mods == self._monitor_index)
         self._fisher_index = index[keep]
-        self._fisher_numel = table.numels[keep].double()
+        self._fisher_numel = layout.tensor_numels[index[keep]].double()
         dev = layout.device
+        # Local tensors: the proximal term is elementwise, so sharded parameters need no communication.
         self._params = [list() for _ in layout.names]
-        for p, m in zip(layout.buffer.params, layout.segment_modality_host):
-            self._params[m].append(p)
+        self._grads = [list() for _ in layout.names]
+        for p, g, m in zip(layout.buffer.params, layout.buffer.views(0), layout.segment_modality_host):
+            self._params[m].append(local_tensor(p))
+            self._grads[m].append(local_tensor(g))
         self._snapshot = [[p.detach().clone() for p in ps] for ps in self._params]
         self._base = torch.tensor(self.base, dtype=torch.float64, device=dev)
         self._scores = torch.zeros(2, dtype=torch.float64, device=dev)
@@ -90,11 +94,14 @@ class InfoReg(BalancingMethod):
         optimizer._buffer.bind(0)
         loss.backward()
 
+    def batch_statistics(self) -> list:
+        return [self._scores]
+
     def edit(self, context: StepContext) -> dict:
         layout = self.layout
         row = layout.buffer.row(0)
         seg = layout.segments
-        moments = ops.segment_moments(row, seg.offsets, seg.numels)
+        moments = context.reduce_stats(ops.segment_moments(row, seg.offsets, seg.numels))
         finite = torch.isfinite(moments).all()
         fisher = (moments[self._fisher_index, 1].double() / self._fisher_numel).sum()
         self._fisher_epoch += torch.where(finite, fisher, torch.zeros_like(fisher))
@@ -102,10 +109,10 @@ class InfoReg(BalancingMethod):
         gap = s - s.flip(0)  # s_m - s_other
         beta = torch.where((gap > 0) & self._open, self._base * torch.exp(torch.tanh(gap)), torch.zeros_like(gap))
         self._scores.zero_()
-        for m, (ps, snap) in enumerate(zip(self._params, self._snapshot)):
+        for m, (ps, snap, grads) in enumerate(zip(self._params, self._snapshot, self._grads)):
             diffs = torch._foreach_sub([p.detach() for p in ps], snap)
             torch._foreach_mul_(diffs, beta[m].to(ps[0].dtype))
-            torch._foreach_add_([p.grad for p in ps], diffs)
+            torch._foreach_add_(grads, diffs)
         return {"finite": finite, "scores": s.clone(), "beta": beta, "window_open": self._open.clone(), "fisher": fisher}
 
     def state_dict(self) -> dict:

@@ -84,7 +84,9 @@ class MMPareto(BalancingMethod):
         seg = layout.segments
         # Row 0 (multimodal) may still carry a GradScaler's scale; row 1 is .grad and was unscaled.
         unscale = torch.stack([context.row_scale, torch.ones_like(context.row_scale)]).to(torch.float64)
-        per_tensor = ops.segment_gram(J, seg.offsets, seg.numels).to(torch.float64)
+        # Per-tensor 2 x 2 Grams; with sharded parameters each rank's are partial sums over its
+        # shard, and reduce_stats adds them up (4 numbers per tensor cross ranks, no gradient).
+        per_tensor = context.reduce_stats(ops.segment_gram(J, seg.offsets, seg.numels).to(torch.float64))
         per_tensor = per_tensor * unscale[:, None] * unscale[None, :]
         finite = torch.isfinite(per_tensor).all()
         per_modality = layout.per_modality_sum(per_tensor)  # (M, 2, 2)

@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 import torch
 
 from mmgrad import ops
+from mmgrad.distributed import scale_segments_
 from mmgrad.methods.base import BalancingMethod, StepContext
 
 _RATIOS = ("pairwise", "others_mean", "min")
@@ -142,12 +143,20 @@ class OGM(BalancingMethod):
         optimizer._buffer.bind(0)
         loss.backward()
 
+    def batch_statistics(self) -> list:
+        return [self._scores]
+
+    def broadcast_state(self, broadcast) -> None:
+        broadcast([self._seed])
+        self._initial_seed = int(self._seed.item())  # once, at construction
+
     def edit(self, context: StepContext) -> dict:
         layout = self.layout
         row = layout.buffer.row(0)
         seg = layout.segments
-        # One pass: per-tensor sum and sum of squares of the unscaled gradient.
-        moments = ops.segment_moments(row, seg.offsets, seg.numels)
+        # One pass: per-tensor sum and sum of squares of the unscaled gradient (of this rank's
+        # shard, summed over shards by reduce_stats when the parameters are sharded).
+        moments = context.reduce_stats(ops.segment_moments(row, seg.offsets, seg.numels))
         finite = torch.isfinite(moments).all()
         ratio = discrepancy_ratio(self._scores, self.ratio_mode, self.eps)
         coeff = ogm_coefficients(ratio, self.alpha, self.shifted)
@@ -170,8 +179,8 @@ class OGM(BalancingMethod):
             scale = torch.ones_like(scale)
         if self.noise:
             # The reference code's sigma = p.grad.std() + 1e-8, of the unscaled gradient.
-            std = ops.segment_std(moments, seg.numels)[self._modulated_index] + 1e-8
-            ops.segment_scale_(row, mod.offsets, mod.numels, scale, std, self._seed)
+            std = ops.segment_std(moments, layout.tensor_numels)[self._modulated_index] + 1e-8
+            scale_segments_(layout, row, mod, self._modulated_host_index, scale, std, self._seed)
             # Fresh noise next step, advanced on the device (CUDA-graph safe); a skipped
             # (non-finite) step leaves the stream where it was.
             self._seed.add_(finite.to(torch.int64))
