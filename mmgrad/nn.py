@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from mmgrad import ops
 
-__all__ = ["split_concat_logits", "shapley_logits", "ImpartialBranch", "ImpartialModule"]
+__all__ = ["split_concat_logits", "shapley_values", "shapley_logits", "ImpartialBranch", "ImpartialModule"]
 
 
 def split_concat_logits(
@@ -46,29 +46,38 @@ def split_concat_logits(
     return out
 
 
+def shapley_values(players: Sequence, value: Callable[[frozenset], object]) -> dict:
+    """Exact Shapley values ``phi_m = sum_{S subset of others} |S|!(M-|S|-1)!/M! (v(S+m) - v(S))``
+    of ``value(frozenset_of_players)`` (numbers or tensors); ``value`` is called once per subset
+    (``2^M`` calls)."""
+    players = list(players)
+    M = len(players)
+    values = {}
+    for r in range(M + 1):
+        for subset in itertools.combinations(players, r):
+            values[frozenset(subset)] = value(frozenset(subset))
+    phi = {}
+    for m in players:
+        others = [p for p in players if p != m]
+        total = 0
+        for r in range(M):
+            weight = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)
+            for subset in itertools.combinations(others, r):
+                S = frozenset(subset)
+                total = total + weight * (values[S | {m}] - values[S])
+        phi[m] = total
+    return phi
+
+
 def shapley_logits(head: Callable[[dict], torch.Tensor], features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Exact Shapley response of each modality: ``phi_m = sum_S |S|!(M-|S|-1)!/M! (f(S+m) - f(S))``
-    where ``f(S) = head(features with the modalities outside S zeroed)``; ``2^M`` head evaluations,
-    under ``no_grad``. For a linear concat head this equals ``z_m W_m^T``."""
-    names = list(features)
-    M = len(names)
+    """Exact Shapley response of each modality: :func:`shapley_values` of ``f(S) = head(features
+    with the modalities outside S zeroed)``, ``2^M`` head evaluations under ``no_grad``. For a
+    linear concat head this equals ``z_m W_m^T``."""
     with torch.no_grad():
-        values = {}
-        for r in range(M + 1):
-            for subset in itertools.combinations(names, r):
-                feats = {n: (z if n in subset else torch.zeros_like(z)) for n, z in features.items()}
-                values[frozenset(subset)] = head(feats)
-        out = {}
-        for m in names:
-            others = [n for n in names if n != m]
-            phi = 0
-            for r in range(M):
-                weight = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)
-                for subset in itertools.combinations(others, r):
-                    S = frozenset(subset)
-                    phi = phi + weight * (values[S | {m}] - values[S])
-            out[m] = phi
-    return out
+        return shapley_values(
+            list(features),
+            lambda S: head({n: (z if n in S else torch.zeros_like(z)) for n, z in features.items()}),
+        )
 
 
 def _aggregate_rows(J: torch.Tensor, aggregator, rescale: bool) -> torch.Tensor:

@@ -283,7 +283,6 @@ def test_mmpareto_zero_gradients_give_zero_not_nan():
 
 def test_mmpareto_three_modalities():
     model, xs, y = make(("audio", "visual", "text"), (1, 3, 2))
-    expected = None
     opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), modalities=dict(model.encoders.items()), method=mmgrad.MMPareto())
     opt.zero_grad()
     out, _, uni = model(xs)
@@ -344,7 +343,7 @@ def test_agm_matches_per_parameter_reference():
         F.cross_entropy(out, y).backward()
         with torch.no_grad():
             z = {m: ref.encoders[m](xs[m]) for m in ref.names}
-            W, b = ref.head.weight, ref.head.bias
+            W = ref.head.weight
             # For a linear concat head the Shapley response is z_m W_m^T (the bias cancels).
             resp = {m: z[m] @ W[:, i * ref.feat : (i + 1) * ref.feat].T for i, m in enumerate(ref.names)}
         s = torch.stack([F.cross_entropy(resp[m], y) for m in ref.names])

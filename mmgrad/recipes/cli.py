@@ -8,7 +8,6 @@ method. Both run on the CPU in minutes; see ``mmgrad compare --help``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -19,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 import mmgrad
-from mmgrad.recipes.data import AVDIGITS_VARIANTS, DATASETS, MFEAT_VIEWS, load_dataset
+from mmgrad.recipes.data import AVDIGITS_VARIANTS, MFEAT_VIEWS, load_dataset
 from mmgrad.recipes.report import safe_name, summarise, write_report
 from mmgrad.recipes.train import (MethodSpec, TrainConfig, check_method, method_help, parse_method, restore_settings,
                                   run_one, setup_determinism)

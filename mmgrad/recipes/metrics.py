@@ -4,7 +4,6 @@ probe gap a method closes."""
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable, Hashable, Mapping, Sequence
 
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgrad.methods.ogm import confidence_scores, discrepancy_ratio
+from mmgrad.nn import shapley_values as nn_shapley_values
 
 __all__ = [
     "accuracy",
@@ -60,25 +60,9 @@ def linear_probe(train_z, train_y, test_z, test_y, classes: int = 10, steps: int
 
 
 def shapley_values(players: Sequence[Hashable], value: Callable[[frozenset], float]) -> dict:
-    """Exact Shapley values ``phi_m = sum_{S subset of others} |S|!(M-|S|-1)!/M! (v(S+m) - v(S))``
-    for ``value(frozenset_of_players)``; ``value`` is called once per subset (2^M calls)."""
-    players = list(players)
-    M = len(players)
-    cache = {}
-    for r in range(M + 1):
-        for subset in itertools.combinations(players, r):
-            cache[frozenset(subset)] = float(value(frozenset(subset)))
-    phi = {}
-    for m in players:
-        others = [p for p in players if p != m]
-        total = 0.0
-        for r in range(M):
-            weight = math.factorial(r) * math.factorial(M - r - 1) / math.factorial(M)
-            for subset in itertools.combinations(others, r):
-                S = frozenset(subset)
-                total += weight * (cache[S | {m}] - cache[S])
-        phi[m] = total
-    return phi
+    """Exact Shapley values of a numeric ``value(frozenset_of_players)`` (see
+    :func:`mmgrad.nn.shapley_values`), as floats."""
+    return {m: float(v) for m, v in nn_shapley_values(players, lambda S: float(value(S))).items()}
 
 
 def shapley_accuracy(

@@ -9,7 +9,7 @@ one (it views the flat features as an image of the data set's ``shapes[m]``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn

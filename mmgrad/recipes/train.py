@@ -21,10 +21,9 @@ Methods (``name[:key=value[:key=value...]]`` on the command line):
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Optional
 
 import torch
