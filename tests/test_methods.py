@@ -323,11 +323,14 @@ def test_multi_objective_mode_equals_the_aggregator_on_the_jacobian(name):
 # --- AGM --------------------------------------------------------------------------------------
 
 
-def test_agm_matches_per_parameter_reference():
+@pytest.mark.parametrize("variant", ["original", "balancemm"])
+def test_agm_matches_per_parameter_reference(variant):
     model, xs, y = make()
     ref = copy.deepcopy(model)
     alpha = 0.1
-    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), modalities=dict(model.encoders.items()), method=mmgrad.AGM(alpha=alpha))
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), modalities=dict(model.encoders.items()),
+                                   method=mmgrad.AGM(alpha=alpha, variant=variant))
+    sign = 1.0 if variant == "balancemm" else -1.0
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     history = []
     for step in range(4):
@@ -349,8 +352,8 @@ def test_agm_matches_per_parameter_reference():
         s = torch.stack([F.cross_entropy(resp[m], y) for m in ref.names])
         history.append(s)
         run = torch.stack(history).mean(0)
-        ratio = torch.exp(2 * (s - s.mean()))
-        target = torch.exp(2 * (run - run.mean()))
+        ratio = torch.exp(2 * sign * (s - s.mean()))
+        target = torch.exp(2 * sign * (run - run.mean()))
         coeff = torch.exp(alpha * torch.clamp(target - ratio, max=7.0))
         for i, m in enumerate(ref.names):
             for p in ref.encoders[m].parameters():
