@@ -39,6 +39,7 @@ struct GramArgs {
   int64_t npb;
   void* tilebuf;      // K * tile accumulation-type elements (converted or padded tiles)
   void* accm;         // vector accumulators: sum over pair blocks of ra * rb vectors
+  void* dacc;         // the same count of vectors of double lanes (8 bytes per lane)
   const void** rows;  // K row pointers (scratch)
   double* slot;       // K (K + 1) / 2 upper-triangle partials of this block (overwritten)
 };
@@ -54,11 +55,16 @@ struct CombineArgs {
 };
 struct GramKernels {
   void (*gram[4])(const GramArgs& a);
-  void (*combine[4])(const CombineArgs& a);
   int vector_bytes;  // VB of this ISA
   int row_block;     // rows per register block of the gram micro-kernel
 };
 const GramKernels& gram_kernels();
+
+struct CombineKernels {
+  void (*combine[4])(const CombineArgs& a);
+  int vector_bytes;
+};
+const CombineKernels& combine_kernels();
 
 }  // namespace cpu
 }  // namespace mmgrad
