@@ -45,7 +45,6 @@ at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
   if (K == 0) return at::zeros({P}, J.options());
   at::Tensor out = at::empty({P}, J.options());
   if (P == 0) return out;
-  advise_huge_pages(out.data_ptr(), P * out.element_size());
   const CombineKernels& gk = combine_kernels();
   const int64_t elt = acc == at::kDouble ? 8 : 4;
   const int64_t tile = 2048, block = int64_t(1) << 16;

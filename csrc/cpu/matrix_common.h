@@ -10,7 +10,6 @@
 #include "cpu/kernels.h"
 
 #ifdef __linux__
-#include <sys/mman.h>
 #endif
 
 namespace mmgrad {
@@ -27,22 +26,6 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
-
-// Asks for transparent huge pages on a large fresh output before its first touch: with 4 KiB
-// pages the page faults cost more than the whole op at small K (40 ms vs 8 ms for 64 MiB here).
-// Advice only; ignored where THP is off.
-inline void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(1) << 21;
-  if (bytes < int64_t(4) * static_cast<int64_t>(kHuge)) return;
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(kHuge - 1);
-  if (e > a) madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
-}
 
 // Validates J (K, P) and returns its dtype index.
 inline int check_J(const at::Tensor& J, const char* op) {
