@@ -237,3 +237,54 @@ def test_buffer_beyond_2_31_elements_cpu(case):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device with > 8 GB free")
 def test_buffer_beyond_2_31_elements_cuda():
     _large_buffer_check("cuda", None)
+
+
+# --- resume in a fresh process -------------------------------------------------------------------
+
+_RESUME_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import mmgrad
+from test_optim import METHODS, build, kind, train_step
+from test_methods import make
+
+name, path, start, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+model, xs, y = make(seed=99)                      # different initial weights: all comes from the file
+torch.manual_seed(4321)                           # and a different global RNG state
+opt = build(model, METHODS[name]())
+saved = torch.load(path)
+model.load_state_dict(saved["model"])
+opt.load_state_dict(saved["opt"])
+_, xs, y = make()
+for epoch in range(start, stop):
+    opt.set_epoch(epoch)
+    opt.zero_grad()
+    train_step(opt, model, xs, y, kind(name))
+    opt.step()
+torch.save([p.detach() for p in model.parameters()], path + ".out")
+"""
+
+
+@pytest.mark.parametrize("name", ["ogmge", "mmpareto", "agm", "inforeg"])
+def test_resume_in_a_fresh_process_is_bitwise(name, tmp_path):
+    import subprocess
+    import sys
+
+    from test_methods import make
+    from test_optim import METHODS, build, kind, train_step
+
+    model, xs, y = make()
+    opt = build(model, METHODS[name]())
+    path = str(tmp_path / "ckpt.pt")
+    for epoch in range(6):
+        if epoch == 3:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+        opt.set_epoch(epoch)
+        opt.zero_grad()
+        train_step(opt, model, xs, y, kind(name))
+        opt.step()
+    script = _RESUME_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script, name, path, "3", "6"], check=True, timeout=300)
+    resumed = torch.load(path + ".out")
+    for p, q in zip(model.parameters(), resumed):
+        assert torch.equal(p.detach(), q)
