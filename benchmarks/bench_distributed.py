@@ -54,13 +54,11 @@ class AVNet(nn.Module):
         self.audio, self.visual = encoder(1, w, feat), encoder(3, w, feat)
         self.head = nn.Linear(2 * feat, classes)
         self.uni_audio, self.uni_visual = nn.Linear(feat, classes), nn.Linear(feat, classes)
-        self.feat = feat
 
     def forward(self, a, v):
         za, zv = self.audio(a), self.visual(v)
         out = self.head(torch.cat([za, zv], 1))
-        W, b, f = self.head.weight, self.head.bias, self.feat
-        split = {"audio": za @ W[:, :f].T + b / 2, "visual": zv @ W[:, f:].T + b / 2}
+        split = mmgrad.nn.split_concat_logits(self.head, {"audio": za, "visual": zv})
         return out, split, {"audio": self.uni_audio(za), "visual": self.uni_visual(zv)}
 
 

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, markdown_table, median_time, resnet18_shapes  # noqa: E402
+from common import emit_report, machine_description, markdown_table, median_time, resnet18_shapes  # noqa: E402
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
@@ -137,10 +137,7 @@ def main():
         "",
     ]
     text = "\n".join(report)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_description, markdown_table, sync  # noqa: E402
+from common import emit_report, machine_description, markdown_table, sync  # noqa: E402
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
@@ -71,8 +71,8 @@ class AVModel(nn.Module):
     def forward(self, a, v):
         za, zv = self.audio(a), self.visual(v)
         out = self.head(torch.cat([za, zv], 1))
-        W, b = self.head.weight, self.head.bias
-        return out, za @ W[:, :512].T + b / 2, zv @ W[:, 512:].T + b / 2, self.head_audio(za), self.head_visual(zv)
+        split = mmgrad.nn.split_concat_logits(self.head, {"audio": za, "visual": zv})
+        return out, split["audio"], split["visual"], self.head_audio(za), self.head_visual(zv)
 
 
 # --- reference-style edits (as the published code does them) ----------------------------------------
@@ -264,10 +264,7 @@ def main():
         markdown_table(header, rows),
         "",
     ])
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

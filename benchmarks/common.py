@@ -38,6 +38,14 @@ def machine_description(device="cpu") -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def emit_report(text: str, out: str | None) -> None:
+    """Print a report and, when ``out`` is given, append it to that markdown file."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
 def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     def fmt(v):
         if isinstance(v, float):

@@ -47,13 +47,11 @@ class Net(nn.Module):
         self.visual = nn.Sequential(nn.Conv2d(2, 5, 3), nn.Tanh(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, feat))
         self.head = nn.Linear(2 * feat, classes)
         self.uni_audio, self.uni_visual = nn.Linear(feat, classes), nn.Linear(feat, classes)
-        self.feat = feat
 
     def forward(self, a, v):
         za, zv = self.audio(a), self.visual(v)
         out = self.head(torch.cat([za, zv], 1))
-        W, b, f = self.head.weight, self.head.bias, self.feat
-        split = {"audio": za @ W[:, :f].T + b / 2, "visual": zv @ W[:, f:].T + b / 2}
+        split = mmgrad.nn.split_concat_logits(self.head, {"audio": za, "visual": zv})
         uni = {"audio": self.uni_audio(za), "visual": self.uni_visual(zv)}
         return out, split, uni
 
