@@ -178,6 +178,17 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     # --- the training-loop interface --------------------------------------------------------------
 
+    @property
+    def modalities(self) -> dict[str, list[torch.Tensor]]:
+        """The modality declaration: each modality's name and its parameters, in buffer order (the
+        forward-, data- and schedule-level methods such as :class:`mmgrad.methods.OPM` and
+        :class:`mmgrad.methods.Relearning` take it from here)."""
+        layout = self._layout
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in layout.names}
+        for p, m in zip(layout.buffer.params, layout.segment_modality_host):
+            out[layout.names[m]].append(p)
+        return out
+
     def set_epoch(self, epoch: int) -> None:
         """Tell the method which epoch runs now (modulation windows, warm-ups, epoch statistics);
         call it at the start of every epoch."""
