@@ -222,6 +222,7 @@ def test_relearn_float32_and_noncontiguous_parameters():
     b = nn.Parameter(torch.randn(4))
     init = [w.detach().clone(), b.detach().clone()]
     r = Relearning({"m": [w, b]})
+    assert r._groups["m"][0].flat_view() is None  # separate tensors: gathered and copied back
     with torch.no_grad():
         w.mul_(-2.0)
         b.add_(1.0)
@@ -240,6 +241,8 @@ def test_relearn_in_place_on_parameters_sharing_one_flat_buffer():
     assert a.data_ptr() == flat.data_ptr()
     init = [a.detach().clone(), b.detach().clone()]
     r = Relearning({"m": [a, b]})
+    view = r._groups["m"][0].flat_view()  # no gather / scatter copy on this path
+    assert view is not None and view.data_ptr() == flat.data_ptr() and view.shape == (10,)
     with torch.no_grad():
         flat.mul_(3.0).add_(1.0)
     current = [a.detach().clone(), b.detach().clone()]
@@ -315,8 +318,9 @@ def features_fn_factory(counter):
     def features_fn():
         counter.append(1)
         y = torch.arange(3).repeat(4)
-        feats = lambda: {"audio": torch.randn(12, 3), "visual": torch.randn(12, 4)}  # noqa: E731
-        return feats(), y, feats(), y
+        train = {"audio": torch.randn(12, 3), "visual": torch.randn(12, 4)}
+        val = {"audio": torch.randn(12, 3), "visual": torch.randn(12, 4)}
+        return train, y, val, y
 
     return features_fn
 
@@ -327,7 +331,7 @@ def test_due_and_step_schedule(every, max_times, expected):
     r = Relearning({"audio": model.audio, "visual": model.visual}, every=every, max_times=max_times)
     assert not r.due(0)  # epoch 0 never
     called, fired = [], []
-    for epoch in range(0, 91):
+    for epoch in range(91):
         before = copy.deepcopy(model.state_dict())
         alpha = r.step(epoch, features_fn_factory(called))
         if alpha is None:

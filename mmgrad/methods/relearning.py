@@ -147,7 +147,7 @@ class _Group:
             total += n
         self.segments = SegmentTable(offsets, numels, total, locals_[0].device)
         with torch.no_grad():
-            self.init = torch.cat([t.detach().reshape(-1) for t in locals_]).clone()
+            self.init = torch.cat([t.detach().reshape(-1) for t in locals_])  # a copy
 
     def flat_view(self) -> Optional[torch.Tensor]:
         """A 1-D view of the parameters' storage when they already lie back to back in one
