@@ -15,6 +15,9 @@ TORCH_LIBRARY(mmgrad_C, m) {
       "Tensor? noise_std=None, Tensor? seed=None) -> ()");
   m.def(
       "segment_lerp_(Tensor(a!) x, Tensor y, Tensor offsets, Tensor numels, Tensor weight) -> ()");
+  m.def(
+      "feature_drop(Tensor z, int[] widths, Tensor drop_prob, Tensor seed, Tensor counter) -> "
+      "(Tensor, Tensor)");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -38,6 +38,7 @@ __all__ = [
     "segment_combine_",
     "segment_scale_",
     "segment_lerp_",
+    "feature_drop",
 ]
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -137,6 +138,10 @@ class _CppBackend:
     def segment_lerp_(x, y, offsets, numels, weight):
         torch.ops.mmgrad_C.segment_lerp_(x, y, offsets, numels, weight)
 
+    @staticmethod
+    def feature_drop(z, widths, drop_prob, seed, counter):
+        return torch.ops.mmgrad_C.feature_drop(z, widths, drop_prob, seed, counter)
+
 
 def _implementation(device: torch.device, backend: Optional[str]):
     name = resolve_backend(device, backend)
@@ -232,6 +237,52 @@ def _segment_lerp_op(
     backend: Optional[str] = None,
 ) -> None:
     _implementation(x.device, backend).segment_lerp_(x, y, offsets, numels, weight)
+
+
+def _feature_drop_impl(device: torch.device, backend: Optional[str]):
+    name = resolve_backend(device, backend)
+    if name == "triton":
+        # The Triton kernel lives in its own module, outside mmgrad.triton's op table.
+        return importlib.import_module("mmgrad.triton.feature_drop").feature_drop
+    impl = _implementation(device, name)
+    if not hasattr(impl, "feature_drop"):
+        raise NotImplementedError(f"mmgrad backend {name!r} has no feature_drop kernel; use 'triton' or 'reference'")
+    return impl.feature_drop
+
+
+@torch.library.custom_op("mmgrad::feature_drop", mutates_args=())
+def _feature_drop_op(
+    z: torch.Tensor,
+    widths: list[int],
+    drop_prob: torch.Tensor,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _feature_drop_impl(z.device, backend)(z, widths, drop_prob, seed, counter)
+
+
+@_feature_drop_op.register_fake
+def _(z, widths, drop_prob, seed, counter, backend=None):
+    return z.new_empty((z.shape[0], z.shape[1])), z.new_empty((z.shape[0], len(widths)), dtype=torch.bool)
+
+
+def _feature_drop_setup_context(ctx, inputs, output):
+    _, widths, drop_prob, _, _, _ = inputs
+    ctx.widths = list(widths)
+    ctx.save_for_backward(output[1], drop_prob)
+
+
+def _feature_drop_backward(ctx, grad_out, grad_keep):
+    # d out / d z is the same mask and scale: dropped entries get exactly 0.
+    keep, drop_prob = ctx.saved_tensors
+    scale = reference.feature_drop_scale(ctx.widths, drop_prob)
+    return reference.feature_drop_apply(grad_out, ctx.widths, keep, scale), None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "mmgrad::feature_drop", _feature_drop_backward, setup_context=_feature_drop_setup_context
+)
 
 
 # --- public functions (argument checks and normalisation, then the op) -------------------------
@@ -401,6 +452,54 @@ def segment_lerp_(
     weight = _per_segment(weight, x, offsets.shape[0], "weight")
     _segment_lerp_op(x, y, offsets, numels, weight, backend)
     return x
+
+
+def feature_drop(
+    z: torch.Tensor,
+    widths: Sequence[int],
+    drop_prob: torch.Tensor,
+    seed: torch.Tensor | int,
+    counter: torch.Tensor | int,
+    *,
+    backend: Optional[str] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPM's feature dropping in one pass: returns ``(out, keep)``.
+
+    ``z`` (N, D) holds the M modalities' features side by side, modality m in ``widths[m]``
+    columns. ``keep[i, m] = u(seed, counter + i*M + m) >= drop_prob[m]`` (bool, (N, M)) with ``u``
+    the counter-based Philox uniform of :func:`mmgrad.reference.philox_uniform`, so every backend
+    draws the same mask; ``out[i, cols of m] = z[i, cols of m] * scale`` where kept, exactly 0
+    where dropped, ``scale = 1 / (1 - theta)`` with ``theta = sum_m widths[m] drop_prob[m] / D``
+    (0 when ``theta >= 1``). Differentiable in ``z`` (the gradient gets the same mask and scale).
+
+    ``counter`` is read, not advanced: add ``N * M`` to it in place before the next call for
+    fresh masks. Pass ``seed`` and ``counter`` as int64 tensors on ``z``'s device to stay free of
+    host synchronisation (and CUDA-graph replayable); Python ints are converted (a copy to the
+    device). A ``z`` whose columns are not unit-stride is copied first.
+    """
+    if z.dim() != 2:
+        raise ValueError(f"z must be 2-D (N samples x D features), got shape {tuple(z.shape)}")
+    _check_float(z, "z")
+    widths = [int(w) for w in widths]
+    if not widths or any(w < 0 for w in widths):
+        raise ValueError(f"widths must list one non-negative width per modality, got {widths}")
+    if sum(widths) != z.shape[1]:
+        raise ValueError(f"widths {widths} add up to {sum(widths)}, not z's {z.shape[1]} columns")
+    if z.shape[1] > 1 and z.stride(1) != 1:
+        z = z.contiguous()
+    if not isinstance(drop_prob, torch.Tensor) or drop_prob.shape != (len(widths),) or not drop_prob.is_floating_point():
+        raise ValueError(f"drop_prob must be a float tensor of shape ({len(widths)},), one probability per modality")
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=z.device)
+    counter = counter if isinstance(counter, torch.Tensor) else torch.tensor(counter, dtype=torch.int64, device=z.device)
+    for name, t in (("drop_prob", drop_prob), ("seed", seed), ("counter", counter)):
+        if t.device != z.device:
+            raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
+    for name, t in (("seed", seed), ("counter", counter)):
+        if t.dtype != torch.int64 or t.numel() != 1:
+            raise ValueError(f"{name} must be an int64 tensor holding one value, got {t.dtype} of shape {tuple(t.shape)}")
+    return _feature_drop_op(
+        z, widths, drop_prob.to(torch.float64).contiguous(), seed.reshape(()), counter.reshape(()), backend
+    )
 
 
 def table(sizes: Sequence[int], device: torch.device | str = "cpu"):

@@ -15,6 +15,8 @@ Conventions shared by all backends
   never overlap; elements outside every segment are left alone by the in-place ops.
 * Gaussian noise is counter-based (:func:`philox_normal`): element ``i`` of the flat buffer gets the
   same number for a given seed whatever the backend, block size or thread count.
+* Random masks are counter-based too (:func:`philox_uniform`): draw ``i`` of a stream is a function
+  of ``(seed, i)`` alone, so every backend gives the same mask bit for bit.
 
 The reference favours clarity over speed: the segment ops loop over segments on the host, so on a
 CUDA tensor they synchronise. The auto backend policy never picks it for CUDA tensors when Triton is
@@ -24,7 +26,7 @@ available.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -39,6 +41,10 @@ __all__ = [
     "segment_lerp_",
     "philox4x32",
     "philox_normal",
+    "philox_uniform",
+    "feature_drop",
+    "feature_drop_scale",
+    "feature_drop_apply",
 ]
 
 # Philox4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11).
@@ -229,3 +235,63 @@ def philox_normal(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     angle = 2.0 * math.pi * v
     use_cos = (lane & 1) == 0
     return radius * torch.where(use_cos, torch.cos(angle), torch.sin(angle))
+
+
+def philox_uniform(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Uniform number in [0, 1) for each stream position ``index`` (int64), as float64: the top 24
+    bits of the first Philox4x32-10 output word, ``(r0 >> 8) * 2**-24`` (exact in float32 too).
+    The convention of :class:`mmgrad.aggregators.base.SeededMixin`."""
+    r0, _, _, _ = philox4x32(index, seed)
+    return (r0 >> 8).to(torch.float64) * 2.0**-24
+
+
+# --- feature dropping (OPM) -------------------------------------------------------------------
+
+
+def feature_drop_scale(widths: Sequence[int], drop_prob: torch.Tensor) -> torch.Tensor:
+    """The rescale factor of :func:`feature_drop`, a 0-dim float64 tensor on ``drop_prob``'s device:
+    ``1 / (1 - theta)`` with ``theta = sum_m widths[m] * drop_prob[m] / D`` (the dimension-weighted
+    mean drop rate, summed in modality order in float64), and 0 when ``theta >= 1`` (everything is
+    dropped). No host synchronisation."""
+    p = drop_prob.to(torch.float64)
+    D = sum(widths)
+    theta = torch.zeros((), dtype=torch.float64, device=p.device)
+    for m, w in enumerate(widths):
+        theta = theta + w * p[m]
+    if D > 0:
+        theta = theta / D
+    return torch.where(theta < 1, 1 / (1 - theta), torch.zeros_like(theta))
+
+
+def feature_drop_apply(x: torch.Tensor, widths: Sequence[int], keep: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``out[i, cols of m] = x[i, cols of m] * scale`` where ``keep[i, m]``, else exactly 0 (also for
+    non-finite ``x``), computed in :func:`accumulation_dtype` and returned in ``x``'s dtype.
+
+    The forward of :func:`feature_drop` once the mask is drawn, and its backward (``x`` the
+    incoming gradient); plain tensor ops, differentiable, no host synchronisation."""
+    acc = accumulation_dtype(x.dtype)
+    N = x.shape[0]
+    cols = torch.cat([keep[:, m : m + 1].expand(N, w) for m, w in enumerate(widths)], dim=1)
+    return torch.where(cols, x.to(acc) * scale.to(acc), torch.zeros((), dtype=acc, device=x.device)).to(x.dtype)
+
+
+def feature_drop(
+    z: torch.Tensor,
+    widths: Sequence[int],
+    drop_prob: torch.Tensor,
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OPM's feature dropping on the concatenated features ``z`` (N, D), modality m owning the
+    ``widths[m]`` columns after those of modalities ``0 .. m-1``.
+
+    ``keep[i, m] = philox_uniform(seed, counter + i * M + m) >= drop_prob[m]`` (compared in
+    float64), ``out[i, cols of m] = z[i, cols of m] * scale`` where ``keep[i, m]`` and 0 elsewhere,
+    with ``scale`` from :func:`feature_drop_scale`. Returns ``(out, keep)``: ``out`` (N, D) in
+    ``z``'s dtype, ``keep`` (N, M) bool. The counter is read, not advanced.
+    """
+    N, M = z.shape[0], len(widths)
+    p = drop_prob.to(torch.float64)
+    index = counter.reshape(()).to(torch.int64) + torch.arange(N * M, dtype=torch.int64, device=z.device).view(N, M)
+    keep = philox_uniform(seed, index) >= p[None, :]
+    return feature_drop_apply(z, widths, keep, feature_drop_scale(widths, p)), keep
