@@ -51,6 +51,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from mmgrad import ops, reference
+
 __all__ = [
     "MODES",
     "GradientSync",
@@ -136,8 +138,6 @@ def scale_segments_(layout, row: torch.Tensor, table, indices: Sequence[int], sc
     philox_normal`), so a sharded run draws exactly the numbers an unsharded one does under the
     reference backend (the fused kernels evaluate the same formula in float32).
     """
-    from mmgrad import ops, reference
-
     if noise_std is None or not layout.buffer.sharded:
         return ops.segment_scale_(row, table.offsets, table.numels, scale, noise_std, seed)
     buffer = layout.buffer

@@ -231,24 +231,44 @@ class BalancedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Edit the gradients with the method, then step the wrapped optimizer (skipped when a
-        gradient is not finite and ``nonfinite="skip"``). Returns the closure's loss, if any."""
+        gradient is not finite and ``nonfinite="skip"``). Returns the closure's loss, if any.
+
+        Under ``torch.compile`` the edit (finite check, statistics, the fused ops) is traced into
+        one graph; the host bookkeeping around it (binding checks, warnings, the wrapped
+        optimizer's step and its skip decision) runs eagerly on either side."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        others, row_scale = self._prepare_step()
+        finite = self._edit(others, row_scale)
+        self._finish_step(finite)
+        return loss
+
+    # --- step internals ---------------------------------------------------------------------------
+
+    @torch.compiler.disable
+    def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Host bookkeeping before the edit: re-bind the buffer if a plain ``backward()`` left
+        gradients elsewhere, warn about modalities without a gradient; returns the gradients
+        outside the buffer and the GradScaler's unscale factor."""
         buffer = self._buffer
         if not buffer.is_bound():
             buffer.bind(buffer.active_row)  # fold in gradients a plain loss.backward() left elsewhere
+        self._warn_modalities_without_grad()
+        return self._other_grads(), self._row_scale()
+
+    def _edit(self, others: list[torch.Tensor], row_scale: torch.Tensor) -> torch.Tensor:
+        """The finite check and the method's edit (device work only); returns the device bool
+        "every gradient was finite"."""
         sync = self._sync
         if sync is None:
-            finite = self._local_finite()
+            finite = self._local_finite(others)
         elif self._synced is not None:  # synchronize() ran: its flag is the one all ranks agreed on
             finite = self._synced
         else:
             # Average the rows, the other gradients and the per-batch statistics over ranks.
-            finite = sync.before_edit(self, self._local_finite())
-        self._warn_modalities_without_grad()
-        row_scale = self._row_scale()
+            finite = sync.before_edit(self, self._local_finite(others))
         context = StepContext(self._layout, self.epoch, self._step_count, row_scale, self.param_groups)
         if sync is not None:
             context.reduce_stats = sync.reduce_stats
@@ -257,6 +277,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
             finite = finite & self.diagnostics["finite"]
         if sync is not None:
             finite = sync.after_edit(self, finite)  # local modes: average the edited gradient
+        return finite
+
+    @torch.compiler.disable
+    def _finish_step(self, finite: torch.Tensor) -> None:
+        """Point ``.grad`` at the method's result row and step the wrapped optimizer (or skip)."""
+        buffer, sync = self._buffer, self._sync
         if self.method.result_row != buffer.active_row:
             buffer.bind(self.method.result_row)
         self._inner_step(finite)
@@ -264,9 +290,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
             sync.after_step(self)
             self._synced = None
         self._step_count += 1
-        return loss
-
-    # --- step internals ---------------------------------------------------------------------------
 
     def _row_scale(self) -> torch.Tensor:
         one = torch.ones((), device=self._buffer.device, dtype=torch.float32)
@@ -275,24 +298,27 @@ class BalancedOptimizer(torch.optim.Optimizer):
         # GradScaler.scale() of a one is the current scale as a device tensor (no host sync).
         return 1.0 / self.grad_scaler.scale(one)
 
-    def _local_finite(self) -> torch.Tensor:
+    def _local_finite(self, others: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Device bool: this rank's gradients are finite (the rows only when the method does not
-        report it from its own statistics)."""
-        finite = self._others_finite()
+        report it from its own statistics); ``others``: the gradients outside the buffer."""
+        finite = self._others_finite(self._other_grads() if others is None else others)
         if not self.method.reports_finite:
             finite = finite & torch.isfinite(self._buffer.data).all()  # an extra read of the rows
         return finite
 
-    def _others_finite(self) -> torch.Tensor:
-        """Device bool: the gradients outside the flat buffer (heads, ...) are all finite."""
+    def _other_grads(self) -> list[torch.Tensor]:
+        """The gradients outside the flat buffer (heads, ...), this rank's shards under FSDP2."""
         ours = self._buffer.data.untyped_storage().data_ptr()
-        local = _dist.local_tensor  # this rank's shard of a DTensor gradient (FSDP2)
-        others = [
+        local = _dist.local_tensor
+        return [
             local(p.grad)
             for g in self.param_groups
             for p in g["params"]
             if p.grad is not None and local(p.grad).untyped_storage().data_ptr() != ours
         ]
+
+    def _others_finite(self, others: list[torch.Tensor]) -> torch.Tensor:
+        """Device bool: the gradients ``others`` are all finite."""
         if not others:
             return torch.ones((), dtype=torch.bool, device=self._buffer.device)
         norms = torch.stack([n.to(self._buffer.device) for n in torch._foreach_norm(others)])

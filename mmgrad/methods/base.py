@@ -10,7 +10,6 @@ gradient row the parameters' ``.grad`` point at (:meth:`BalancingMethod.edit`) w
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -41,21 +40,19 @@ class ModalityLayout:
     def device(self) -> torch.device:
         return self.buffer.device
 
-    @cached_property
-    def tensor_numels(self) -> torch.Tensor:
-        """(S,) int64 on the device: the numel of each whole parameter tensor (the segment sizes,
-        unless the parameters are sharded: then segments hold this rank's shard)."""
-        return torch.tensor(self.buffer.global_numels, dtype=torch.int64, device=self.device)
-
-    @cached_property
-    def tensor_offsets_host(self) -> list[int]:
-        """Each tensor's offset in the unsharded buffer (host ints): the Philox counter base of its
-        noise, so that sharded and unsharded runs draw the same numbers."""
-        offsets, total = [], 0
+    def __post_init__(self) -> None:
+        # Plain attributes, not cached properties: torch.compile traces an edit that reads them
+        # (functools.cached_property takes a lock, which graph-breaks dynamo on Python < 3.12).
+        #: (S,) int64 on the device: the numel of each whole parameter tensor (the segment sizes,
+        #: unless the parameters are sharded: then segments hold this rank's shard).
+        self.tensor_numels = torch.tensor(self.buffer.global_numels, dtype=torch.int64, device=self.device)
+        #: Each tensor's offset in the unsharded buffer (host ints): the Philox counter base of its
+        #: noise, so that sharded and unsharded runs draw the same numbers.
+        self.tensor_offsets_host: list[int] = []
+        total = 0
         for n in self.buffer.global_numels:
-            offsets.append(total)
+            self.tensor_offsets_host.append(total)
             total += n
-        return offsets
 
     def select(self, keep: Sequence[bool]) -> tuple[SegmentTable, torch.Tensor]:
         """The segments flagged in ``keep`` and their modality indices (device tensor)."""
