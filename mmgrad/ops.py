@@ -340,12 +340,15 @@ def _check_segments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor
 
 
 def _per_segment(v: torch.Tensor, x: torch.Tensor, n: int, what: str) -> torch.Tensor:
-    v = torch.as_tensor(v, device=x.device)
+    acc = reference.accumulation_dtype(x.dtype)
+    # A Python number becomes a tensor of the accumulation dtype directly (via float32 it would
+    # lose bits for float64 buffers).
+    v = torch.as_tensor(v, device=x.device, dtype=acc if isinstance(v, (int, float)) else None)
     if v.dim() == 0:
         v = v.expand(n)
     if v.shape != (n,):
         raise ValueError(f"{what} must have one value per segment ({n}), got shape {tuple(v.shape)}")
-    return v.to(reference.accumulation_dtype(x.dtype)).contiguous()
+    return v.to(acc).contiguous()
 
 
 def segment_moments(

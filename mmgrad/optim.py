@@ -29,6 +29,14 @@ def _params_of(source: ParamSource) -> list[torch.nn.Parameter]:
     return [p for p in source]
 
 
+def _outside_graph(fn: Callable) -> Callable:
+    """``fn`` as is, or under ``torch.compile`` excluded from the traced graph (host bookkeeping:
+    a graph break). Decided per call so that eager users never import torch._dynamo."""
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(fn)
+    return fn
+
+
 class BalancedOptimizer(torch.optim.Optimizer):
     """Wraps any ``torch.optim.Optimizer`` and edits the modality gradients before each step.
 
@@ -240,14 +248,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        others, row_scale = self._prepare_step()
+        others, row_scale = _outside_graph(self._prepare_step)()
         finite = self._edit(others, row_scale)
-        self._finish_step(finite)
+        _outside_graph(self._finish_step)(finite)
         return loss
 
     # --- step internals ---------------------------------------------------------------------------
 
-    @torch.compiler.disable
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Host bookkeeping before the edit: re-bind the buffer if a plain ``backward()`` left
         gradients elsewhere, warn about modalities without a gradient; returns the gradients
@@ -279,7 +286,6 @@ class BalancedOptimizer(torch.optim.Optimizer):
             finite = sync.after_edit(self, finite)  # local modes: average the edited gradient
         return finite
 
-    @torch.compiler.disable
     def _finish_step(self, finite: torch.Tensor) -> None:
         """Point ``.grad`` at the method's result row and step the wrapped optimizer (or skip)."""
         buffer, sync = self._buffer, self._sync
