@@ -8,7 +8,7 @@ says which backends are available and why the others are not).
 from mmgrad import aggregators, methods, nn, ops, reference
 from mmgrad.aggregators import aggregate, weights
 from mmgrad.buffers import FlatGradBuffer, SegmentTable, flat_grad_buffers
-from mmgrad.methods import AGM, OGM, OGMGE, InfoReg, MMPareto, MultiObjective
+from mmgrad.methods import AGM, OGM, OGMGE, OPM, CRMTHead, InfoReg, MMPareto, MultiObjective, Relearning, ValuationResampler
 from mmgrad.optim import BalancedOptimizer, NonFiniteGradientError
 
 __version__ = "0.1.0"
@@ -27,6 +27,10 @@ __all__ = [
     "MMPareto",
     "AGM",
     "InfoReg",
+    "OPM",
+    "Relearning",
+    "ValuationResampler",
+    "CRMTHead",
     "nn",
     "MultiObjective",
     "FlatGradBuffer",

@@ -184,6 +184,49 @@ def test_runs_are_reproducible():
         assert [h["ratio"] for h in a["history"]] == [h["ratio"] for h in b["history"]]
 
 
+def test_crmt_model_head_parts_add_up_to_the_fused_logits():
+    torch.manual_seed(0)
+    model = build_model({"a": (5,), "b": (6,)}, 4, fusion="crmt")
+    out = model({"a": torch.randn(9, 5), "b": torch.randn(9, 6)})
+    parts = model.head_parts(out.features)
+    assert torch.allclose(parts["a"] + parts["b"], out.fused, atol=1e-6)
+
+
+def _small_mfeat():
+    d = load_dataset("mfeat:fac+fou", seed=0)
+    for split in (d.train, d.test):  # a few hundred rows keep these runs to a second or two
+        keep = torch.arange(0, len(split), 4)
+        split.views = {m: v[keep] for m, v in split.views.items()}
+        split.labels = split.labels[keep]
+    return d
+
+
+def test_forward_data_and_schedule_methods_in_the_recipe():
+    """OPM, re-learning, the valuation re-samplers and CRMT run through run_one, and the history
+    records what each did at the epochs it should."""
+    d = _small_mfeat()
+    config = TrainConfig(epochs=4)
+    joint = run_one(d, parse_method("joint"), 0, config)
+    results = {m: run_one(d, parse_method(m), 0, config) for m in
+               ("opm:start=1", "relearn:every=2:times=1", "sample:start=1", "modality:start=1", "crmt:stage2=2")}
+    for label, r in results.items():
+        assert 0 < r["fused"] <= 1 and len(r["history"]) == 4, label
+    opm = results["opm:start=1"]
+    # Identity before its start epoch (the survivor-mean loss rounds differently from the mean).
+    assert opm["history"][0]["loss"] == pytest.approx(joint["history"][0]["loss"], rel=1e-6)
+    assert opm["history"][1]["loss"] != pytest.approx(joint["history"][1]["loss"], rel=1e-3)
+    relearn = [h.get("relearn_alpha") for h in results["relearn:every=2:times=1"]["history"]]
+    assert relearn[0] is None and relearn[2] is None and relearn[3] is None  # after 2 trained epochs, once
+    assert set(relearn[1]) == {"fac", "fou"} and all(0 <= a < 1 for a in relearn[1].values())
+    for label in ("sample:start=1", "modality:start=1"):
+        rows = [h.get("extra_rows") for h in results[label]["history"]]
+        assert rows[0] is None and all(r is not None and r >= 0 for r in rows[1:]), (label, rows)
+    assert results["sample:start=1"]["history"][1]["extra_rows"] > 0
+    crmt = results["crmt:stage2=2"]
+    assert len(crmt["stage2_loss"]) == 2 and all(isinstance(x, float) for x in crmt["stage2_loss"])
+    json.dumps(results)  # the report writes them as they are
+
+
 def test_compare_smoke(tmp_path, capsys):
     out = tmp_path / "report"
     assert main(["compare", "--epochs", "1", "--seeds", "1", "--quiet", "--out", str(out)]) == 0

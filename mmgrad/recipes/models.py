@@ -76,7 +76,9 @@ class MultimodalNet(nn.Module):
     Args:
         encoders: ``{modality: encoder}`` (order = concatenation order); each has ``out_features``.
         classes: number of classes.
-        fusion: ``"concat"`` (``W [z_1; ...; z_M] + b``) or ``"sum"`` (``sum_m W_m z_m + b_m``).
+        fusion: ``"concat"`` (``W [z_1; ...; z_M] + b``), ``"sum"`` (``sum_m W_m z_m + b_m``) or
+            ``"crmt"`` (:class:`mmgrad.methods.crmt.CRMTHead`: orthogonal-normalised split head with
+            per-class integration weights).
         unimodal_heads: add a linear classifier per modality (for methods with unimodal losses).
 
     The fusion head and the unimodal heads are created after the encoders, so the encoders'
@@ -85,14 +87,18 @@ class MultimodalNet(nn.Module):
 
     def __init__(self, encoders: Mapping[str, nn.Module], classes: int, fusion: str = "concat", unimodal_heads: bool = False):
         super().__init__()
-        if fusion not in ("concat", "sum"):
-            raise ValueError(f"fusion must be 'concat' or 'sum', got {fusion!r}")
+        if fusion not in ("concat", "sum", "crmt"):
+            raise ValueError(f"fusion must be 'concat', 'sum' or 'crmt', got {fusion!r}")
         self.modalities = list(encoders)
         self.fusion_type = fusion
         self.encoders = nn.ModuleDict(encoders)
         widths = {m: e.out_features for m, e in encoders.items()}
         if fusion == "concat":
             self.fusion = nn.Linear(sum(widths.values()), classes)
+        elif fusion == "crmt":
+            from mmgrad.methods.crmt import CRMTHead
+
+            self.fusion = CRMTHead(widths, classes)
         else:
             self.fusion = nn.ModuleDict({m: nn.Linear(w, classes) for m, w in widths.items()})
         self.unimodal = None
@@ -103,19 +109,35 @@ class MultimodalNet(nn.Module):
         """Fused logits from encoder features (zero a modality's features to drop it)."""
         if self.fusion_type == "concat":
             return self.fusion(torch.cat([features[m] for m in self.modalities], dim=1))
+        if self.fusion_type == "crmt":
+            return self.fusion(features).fused
         return sum(self.fusion[m](features[m]) for m in self.modalities)
 
     def head_parts(self, features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each modality's part of the fusion head (the OGM convention): the concat head's columns
-        of m plus bias/M, or for sum fusion m's own linear layer with its full bias."""
+        of m plus bias/M, for sum fusion m's own linear layer with its full bias, for the CRMT head
+        ``a_m * h_m + bias/M``."""
         if self.fusion_type == "concat":
             return mmgrad.nn.split_concat_logits(self.fusion, {m: features[m] for m in self.modalities})
+        if self.fusion_type == "crmt":
+            out = self.fusion(features)
+            a = self.fusion.integration_matrix()
+            bias = self.fusion.bias / len(self.modalities) if self.fusion.bias is not None else 0.0
+            return {m: a[k] * out.unimodal[m] + bias for k, m in enumerate(self.modalities)}
         return {m: self.fusion[m](features[m]) for m in self.modalities}
 
-    def forward(self, xs: Mapping[str, torch.Tensor]) -> ModelOutput:
-        z = {m: self.encoders[m](xs[m]) for m in self.modalities}
+    def encode(self, xs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each modality's encoder features."""
+        return {m: self.encoders[m](xs[m]) for m in self.modalities}
+
+    def outputs(self, z: Mapping[str, torch.Tensor]) -> ModelOutput:
+        """Fused (and unimodal-head) logits from encoder features ``z`` (forward-level methods such
+        as OPM edit the features between :meth:`encode` and this)."""
         uni = {m: self.unimodal[m](z[m]) for m in self.modalities} if self.unimodal is not None else {}
-        return ModelOutput(self.head(z), z, uni)
+        return ModelOutput(self.head(z), dict(z), uni)
+
+    def forward(self, xs: Mapping[str, torch.Tensor]) -> ModelOutput:
+        return self.outputs(self.encode(xs))
 
 
 def build_model(

@@ -11,6 +11,18 @@ Methods (``name[:key=value[:key=value...]]`` on the command line):
 * ``mmpareto``   MMPareto, fused vs each unimodal loss per encoder (``gamma`` 1.5).
 * ``agm``        AGM from the fused head's Shapley responses (``alpha`` 0.1).
 * ``inforeg``    InfoReg (two modalities; the strong one is monitored).
+* ``opm``        OPM: drops the dominant modality's features in the forward pass (``q_base`` 0.4,
+                 ``lam`` 0.5, ``p_exe`` 0.7, from epoch ``start`` 5 as in the paper's warm-up).
+* ``relearn``    Diagnosing & Re-learning: every ``every`` epochs (7: epochs 7, 14, 21 of 30, the
+                 paper's 20/40/60 of 90 scaled), at most ``times`` (3), each encoder is pulled toward
+                 its initial weights by tanh(``lam`` x train/validation purity gap) (``lam`` 3). The
+                 validation split is the data set's own, else ``val`` (0.1) of the training split.
+* ``sample``, ``modality``  sample- / modality-level valuation: from epoch ``start`` (4) on, each
+                 epoch adds re-sampled training rows in which only the low-contribution modality
+                 feeds the head (``part_ratio`` 0.2 and ``alpha`` 1 for ``modality``).
+* ``crmt``       CRMT: orthogonal-normalised split head with per-class integration weights, fused
+                 cross-entropy + ``rho`` (2) x margin regulariser; then ``stage2`` epochs (epochs // 3
+                 - 1 when -1) tuning the integration weights for the certified bound.
 * any aggregator of :mod:`mmgrad.aggregators` (``upgrad``, ``mgda``, ``pcgrad``, ``cagrad``, ...):
                  the fused and the unimodal losses as objectives on the encoders' parameters;
                  options go to the aggregator.
@@ -47,7 +59,20 @@ METHODS: dict[str, tuple[dict, bool, str]] = {
     "mmpareto": ({"gamma": 1.5}, True, "MMPareto: Pareto integration of fused and unimodal gradients"),
     "agm": ({"alpha": 0.1}, False, "AGM: adaptive modulation from Shapley responses"),
     "inforeg": ({"threshold": 0.05}, False, "InfoReg: proximal regulation of the dominant encoder (2 modalities)"),
+    "opm": ({"q_base": 0.4, "lam": 0.5, "p_exe": 0.7, "start": 5}, False,
+            "OPM: drop the dominant modality's features in the forward pass"),
+    "relearn": ({"lam": 3.0, "every": 7, "times": 3, "val": 0.1}, False,
+                "Diagnosing & Re-learning: pull encoders toward init by their purity gap"),
+    "sample": ({"start": 4}, False, "sample-level valuation: re-sample rows of low-contribution modalities"),
+    "modality": ({"start": 4, "part_ratio": 0.2, "alpha": 1.0}, False,
+                 "modality-level valuation: re-sample rows of the weaker modality"),
+    "crmt": ({"rho": 2.0, "stage2": -1}, False, "CRMT: orthogonal split head + margin loss, certified-bound stage 2"),
 }
+
+
+# Methods that train with the plain optimizer: they act on the loss, the forward pass, the data or
+# between epochs, not on the gradients.
+_PLAIN_OPTIMIZER = ("joint", "sum", "opm", "relearn", "sample", "modality", "crmt")
 
 
 def method_help() -> str:
@@ -164,7 +189,7 @@ def _balanced(spec: MethodSpec, model: MultimodalNet, inner: torch.optim.Optimiz
     """The BalancedOptimizer for ``spec`` (None for methods that need only the plain optimizer)."""
     o = spec.opts
     encoders = {m: model.encoders[m] for m in model.modalities}
-    if spec.name in ("joint", "sum") or spec.alone:
+    if spec.name in _PLAIN_OPTIMIZER or spec.alone:
         return None
     if spec.name in ("ogm", "ogm_ge"):
         cls = mmgrad.OGMGE if spec.name == "ogm_ge" else mmgrad.OGM
@@ -195,12 +220,6 @@ def check_method(data: MultiViewData, spec: MethodSpec, config: TrainConfig) -> 
         raise ValueError(f"{spec.label} cannot run on {data.spec}: {exc}") from None
 
 
-def _batches(n: int, batch: int, g: torch.Generator):
-    perm = torch.randperm(n, generator=g)
-    for i in range(0, n, batch):
-        yield perm[i : i + batch]
-
-
 @torch.no_grad()
 def _evaluate(model: MultimodalNet, split: MultiViewSplit) -> tuple[float, dict, dict, dict]:
     """Fused accuracy, per-modality head-part and unimodal-head accuracies, and the features."""
@@ -209,6 +228,119 @@ def _evaluate(model: MultimodalNet, split: MultiViewSplit) -> tuple[float, dict,
     head = {m: accuracy(parts[m], split.labels) for m in model.modalities}
     uni = {m: accuracy(out.unimodal[m], split.labels) for m in out.unimodal}
     return accuracy(out.fused, split.labels), head, uni, out.features
+
+
+def _validation_split(train: MultiViewSplit, fraction: float, seed: int) -> tuple[MultiViewSplit, MultiViewSplit]:
+    """A seeded random ``fraction`` of ``train`` held out as validation (for methods that need one
+    when the data set has none; the test split is never used for it)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
+    n_val = max(1, int(round(fraction * len(train))))
+    parts = []
+    for idx in (perm[n_val:], perm[:n_val]):
+        parts.append(MultiViewSplit({m: v[idx] for m, v in train.views.items()}, train.labels[idx]))
+    return parts[0], parts[1]
+
+
+class _EpochHooks:
+    """The forward-, data- and schedule-level methods' parts of the training loop: the rows an
+    epoch trains on, the feature edit before the head, the loss, and the end-of-epoch callback."""
+
+    def __init__(self, spec: MethodSpec, model: MultimodalNet, train: MultiViewSplit, val: Optional[MultiViewSplit],
+                 classes: int, seed: int):
+        self.spec, self.model, self.train, self.val, self.classes = spec, model, train, val, classes
+        self.modalities = model.modalities
+        o = spec.opts
+        self.opm = self.relearn = self.resampler = None
+        self.extra = None  # re-sampled rows for the next epoch (valuation methods)
+        if spec.name == "opm":
+            from mmgrad.methods.opm import OPM
+
+            self.opm = OPM(self.modalities, q_base=o["q_base"], lam=o["lam"], p_exe=o["p_exe"], start_epoch=o["start"], seed=seed)
+        elif spec.name == "relearn":
+            from mmgrad.methods.relearning import Relearning
+
+            encoders = {m: model.encoders[m] for m in self.modalities}
+            self.relearn = Relearning(encoders, lam=o["lam"], every=o["every"], max_times=o["times"], seed=seed)
+        elif spec.name in ("sample", "modality"):
+            from mmgrad.methods.valuation import ValuationResampler
+
+            kwargs = {"part_ratio": o["part_ratio"], "alpha": o["alpha"]} if spec.name == "modality" else {}
+            self.resampler = ValuationResampler(self.modalities, level=spec.name, start_epoch=o["start"], seed=seed, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.opm is not None:
+            self.opm.set_epoch(epoch)
+            self.opm.train()
+
+    def rows(self, g: torch.Generator) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """This epoch's training rows (sample indices, shuffled) and which modalities feed the head
+        for each (None: all of them)."""
+        n = len(self.train)
+        if self.extra is None:
+            return torch.randperm(n, generator=g), None
+        from mmgrad.methods.valuation import epoch_rows
+
+        index, keep = epoch_rows(n, self.extra)
+        perm = torch.randperm(index.numel(), generator=g)
+        return index[perm], keep[perm]
+
+    def loss(self, z: dict, keep: Optional[torch.Tensor], y: torch.Tensor):
+        """The training loss and the model outputs on the batch's features ``z``."""
+        if keep is not None:
+            z = {m: z[m] * keep[:, k : k + 1].to(z[m].dtype) for k, m in enumerate(self.modalities)}
+        if self.opm is not None:
+            parts = self.model.head_parts(z)
+            dropped = self.opm(z, parts, y)
+            out = self.model.outputs(dropped.features)
+            return self.opm.loss(out.fused, y, dropped), out
+        out = self.model.outputs(z)
+        if self.spec.name == "crmt":
+            from mmgrad.methods.crmt import crmt_loss
+
+            return crmt_loss(self.model.fusion(z), y, rho=self.spec.opts["rho"]), out
+        return F.cross_entropy(out.fused, y), out
+
+    @torch.no_grad()
+    def end_epoch(self, epoch: int) -> Optional[dict]:
+        """Re-learning's diagnosis, the valuation methods' re-sampling plan; returns what to log."""
+        model = self.model
+        if self.relearn is not None and self.relearn.due(epoch + 1):
+            # After epoch e (0-based) the model has trained e + 1 epochs: the paper's "epoch 20".
+            model.eval()
+            z_train = model.encode(self.train.views)
+            z_val = model.encode(self.val.views)
+            alpha = self.relearn.diagnose(z_train, self.train.labels, z_val, self.val.labels)
+            self.relearn.relearn(alpha)
+            return {"relearn_alpha": alpha}
+        if self.resampler is not None and epoch >= self.resampler.start_epoch:
+            model.eval()
+            from mmgrad.methods.valuation import modality_shapley
+
+            phi = modality_shapley(model.head, model.encode(self.train.views), self.train.labels)
+            self.extra = self.resampler.plan(phi, epoch=epoch)
+            return {"extra_rows": int(self.extra.index.numel()), "mean_shapley": phi.mean(0).tolist()}
+        return None
+
+    def finish(self, config: TrainConfig, seed: int) -> Optional[dict]:
+        """CRMT's second stage: tune the integration weights for the certified bound (encoders and
+        the normalised head frozen, so the unimodal logits are computed once)."""
+        if self.spec.name != "crmt":
+            return None
+        from mmgrad.methods.crmt import lipschitz_estimate
+
+        model, head = self.model, self.model.fusion
+        epochs = self.spec.opts["stage2"]
+        epochs = max(config.epochs // 3 - 1, 0) if epochs < 0 else int(epochs)
+        model.eval()
+        lipschitz = lipschitz_estimate(lambda xs: model(xs).fused, self.train.views, self.classes)
+        with torch.no_grad():
+            uni = head(model.encode(self.train.views)).unimodal
+            h = torch.stack([uni[m] for m in self.modalities])
+        losses = head.tune_integration(h, self.train.labels, lipschitz, epochs=epochs, lr=0.03 * config.lr,
+                                       batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
+        return {"stage2_loss": losses}
 
 
 def run_one(
@@ -226,9 +358,9 @@ def run_one(
     probe on m's frozen encoder), ``shapley[m]`` (exact Shapley contribution to test accuracy,
     absent modalities' features zeroed), ``epoch_time`` (median seconds of training per epoch) and
     ``history`` (per epoch: loss, the OGM confidence scores and discrepancy ratio of the head
-    parts on the training batches, train head-part accuracy, test fused and head-part accuracy).
-    ``on_epoch(epoch, record)`` is called after every epoch; ``writer`` is an optional TensorBoard
-    ``SummaryWriter``.
+    parts on the training batches, train head-part accuracy, test fused and head-part accuracy,
+    and what the epoch-level methods did). ``on_epoch(epoch, record)`` is called after every
+    epoch; ``writer`` is an optional TensorBoard ``SummaryWriter``.
     """
     modalities = [spec.alone] if spec.alone else list(data.modalities)
     if spec.alone and spec.alone not in data.modalities:
@@ -236,12 +368,16 @@ def run_one(
     torch.manual_seed(seed)
     model = build_model(
         {m: data.shapes[m] for m in modalities}, data.classes, encoder=config.encoder, hidden=config.hidden,
-        features=config.features, fusion=config.fusion, unimodal_heads=spec.needs_unimodal_heads,
+        features=config.features, fusion="crmt" if spec.name == "crmt" else config.fusion,
+        unimodal_heads=spec.needs_unimodal_heads,
     )
     inner = make_optimizer(config, model.parameters())
     balanced = _balanced(spec, model, inner)
     opt = balanced if balanced is not None else inner
-    train, test = data.train, data.test
+    train, test, val = data.train, data.test, data.val
+    if spec.name == "relearn" and val is None:
+        train, val = _validation_split(train, spec.opts["val"], seed)
+    hooks = _EpochHooks(spec, model, train, val, data.classes, seed)
     g = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     times: list[float] = []
@@ -250,18 +386,22 @@ def run_one(
         start = time.perf_counter()
         if balanced is not None:
             balanced.set_epoch(epoch)
+        hooks.set_epoch(epoch)
         scores = torch.zeros(len(modalities), dtype=torch.float64)
         correct = torch.zeros(len(modalities), dtype=torch.float64)
         loss_sum, seen = 0.0, 0
-        for idx in _batches(len(train), config.batch_size, g):
+        rows, row_keep = hooks.rows(g)
+        for b in range(0, rows.numel(), config.batch_size):
+            idx = rows[b : b + config.batch_size]
+            keep = row_keep[b : b + config.batch_size] if row_keep is not None else None
             xs = {m: train.views[m][idx] for m in modalities}
             y = train.labels[idx]
-            out = model(xs)
-            loss = F.cross_entropy(out.fused, y)
+            z = model.encode(xs)
+            loss, out = hooks.loss(z, keep, y)
             parts = model.head_parts(out.features)
             opt.zero_grad()
             name = spec.name
-            if spec.alone or name == "joint":
+            if balanced is None and name != "sum":
                 loss.backward()
             elif name == "sum":
                 w = spec.opts["weight"]
@@ -282,6 +422,7 @@ def run_one(
                 loss_sum += loss.item() * y.numel()
                 seen += y.numel()
         times.append(time.perf_counter() - start)
+        action = hooks.end_epoch(epoch)
         model.eval()
         fused_acc, head_acc, _, _ = _evaluate(model, test)
         ratio = discrepancy_ratio(scores, "pairwise")
@@ -294,6 +435,8 @@ def run_one(
             "test_fused": fused_acc,
             "test_head_acc": head_acc,
         }
+        if action:
+            record.update(action)
         history.append(record)
         if writer is not None:
             writer.add_scalar("loss/train", record["loss"], epoch)
@@ -306,6 +449,7 @@ def run_one(
         if on_epoch is not None:
             on_epoch(epoch, record)
 
+    finish = hooks.finish(config, seed)
     model.eval()
     fused_acc, head_acc, uni_acc, z_test = _evaluate(model, test)
     with torch.no_grad():
@@ -327,6 +471,8 @@ def run_one(
         "epoch_time": statistics.median(times) if times else 0.0,
         "history": history,
     }
+    if finish:
+        result.update(finish)
     if data.val is not None:
         result["val_fused"] = _evaluate(model, data.val)[0]
     return result
