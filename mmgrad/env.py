@@ -9,7 +9,7 @@ import torch
 
 import mmgrad
 from mmgrad import ops
-from mmgrad._extension import build_info
+from mmgrad._extension import build_info, cpp_error
 
 
 def _version(module: str) -> str:
@@ -17,6 +17,22 @@ def _version(module: str) -> str:
         return getattr(importlib.import_module(module), "__version__", "installed")
     except ImportError:
         return "not installed"
+
+
+def _extension_line() -> str:
+    """What mmgrad._C was built with (torch, CUDA version and architectures), or why it is not
+    loaded (missing, or built for another torch: refused before loading)."""
+    error = cpp_error()
+    if error is not None:
+        return f"mmgrad._C: not loaded: {error}"
+    info = build_info()
+    cuda = getattr(info, "CUDA_VERSION", None)
+    if cuda is not None:
+        kernels = f"CUDA kernels for architectures {info.CUDA_ARCHS}"
+    else:
+        why = getattr(info, "CUDA_SKIPPED", None) or "built before the CUDA kernels existed"
+        kernels = f"CPU kernels only: {why}"
+    return f"mmgrad._C built for torch {info.TORCH_VERSION}, CUDA {cuda} ({kernels})"
 
 
 def report() -> str:
@@ -27,9 +43,7 @@ def report() -> str:
         f"torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
         f"triton {_version('triton')}",
     ]
-    info = build_info()
-    if info is not None:
-        lines.append(f"mmgrad._C built for torch {info.TORCH_VERSION}, CUDA {info.CUDA_VERSION or 'none'}")
+    lines.append(_extension_line())
     devices = ["cpu"]
     # Asking whether CUDA is available initialises nothing until a tensor is made; this is the
     # one place mmgrad asks, and only when the user runs this report.

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmgrad import reference
-from mmgrad._extension import cpp_error
+from mmgrad._extension import build_info, cpp_error
 
 __all__ = [
     "BACKENDS",
@@ -76,8 +76,33 @@ def _backend_error(backend: str, device: torch.device) -> Optional[str]:
             return f"Triton does not run on {device.type} tensors"
         return _triton_error()
     if backend == "cuda":
-        return "the CUDA C++ kernels are not built into mmgrad._C yet"
+        return _cuda_error(device)
     return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+
+def _cuda_build_error() -> Optional[str]:
+    """None if mmgrad._C is loaded with its CUDA kernels, else why not (from the build record)."""
+    error = cpp_error()
+    if error is not None:
+        return error
+    info = build_info()
+    if getattr(info, "CUDA_VERSION", None) is None:
+        why = getattr(info, "CUDA_SKIPPED", None)
+        if why is None:  # a record written before setup.py built CUDA kernels
+            why = (f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None
+                   else "it predates the CUDA kernels; rebuild it")
+        return f"mmgrad._C was built without CUDA kernels: {why}"
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("mmgrad_C::gram", "CUDA"):
+        return f"mmgrad._C was built for CUDA {info.CUDA_VERSION} but registered no CUDA kernels"
+    return None
+
+
+def _cuda_error(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        why = f"the CUDA C++ backend runs on CUDA tensors, not {device.type}"
+        build = _cuda_build_error()
+        return why if build is None else f"{why} (and {build})"
+    return _cuda_build_error()
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, Optional[str]]:
@@ -143,6 +168,20 @@ class _CppBackend:
         return torch.ops.mmgrad_C.feature_drop(z, widths, drop_prob, seed, counter)
 
 
+class _CudaBackend:
+    """The CUDA C++ kernels of ``mmgrad._C`` (``kernels/``, launched from ``csrc/cuda/``): the same
+    ``torch.ops.mmgrad_C`` ops as :class:`_CppBackend`, which the dispatcher routes to them for CUDA
+    tensors. No feature_drop kernel (``_feature_drop_impl`` reports that)."""
+
+    gram = _CppBackend.gram
+    combine = _CppBackend.combine
+    segment_moments = _CppBackend.segment_moments
+    segment_gram = _CppBackend.segment_gram
+    segment_combine_ = _CppBackend.segment_combine_
+    segment_scale_ = _CppBackend.segment_scale_
+    segment_lerp_ = _CppBackend.segment_lerp_
+
+
 def _implementation(device: torch.device, backend: Optional[str]):
     name = resolve_backend(device, backend)
     if name == "reference":
@@ -151,7 +190,9 @@ def _implementation(device: torch.device, backend: Optional[str]):
         return _CppBackend
     if name == "triton":
         return importlib.import_module("mmgrad.triton")
-    raise AssertionError(name)  # pragma: no cover - _backend_error refuses "cuda" for now
+    if name == "cuda":
+        return _CudaBackend
+    raise AssertionError(name)  # pragma: no cover - resolve_backend returns a known name
 
 
 # --- custom ops (schemas and fake kernels) ----------------------------------------------------
