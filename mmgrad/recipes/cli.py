@@ -27,7 +27,7 @@ __all__ = ["main", "build_parser", "DEFAULT_DATA", "DEFAULT_METHODS"]
 
 DEFAULT_DATA = ["mfeat:fac+fou", "avdigits:weak-audio"]
 DEFAULT_METHODS = ["joint", "ogm_ge", "mmpareto", "upgrad", "mgda", "pcgrad", "cagrad", "gradvac", "graddrop", "agm",
-                   "inforeg", "sum"]
+                   "inforeg", "sum", "opm", "relearn", "sample", "modality", "crmt"]
 
 _DATA_HELP = f"""data sets (--data), DATA[:ARG]:
   mfeat:VIEW+VIEW[+...]   UCI mfeat, views as modalities: {', '.join(MFEAT_VIEWS)} (default fac+fou)
