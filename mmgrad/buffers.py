@@ -88,6 +88,12 @@ class FlatGradBuffer:
     full tensors' sizes. Parameters that received no gradient since the last
     :meth:`zero_` are reported by :meth:`params_without_grad` (autograd's post-accumulate hooks mark
     the others), because their ``.grad`` is a zero view rather than ``None``.
+
+    ``zero_(lazy=True)`` (what :meth:`mmgrad.BalancedOptimizer.zero_grad` does) writes nothing: it
+    marks the rows' segments *stale* and sets ``.grad`` to ``None``, so that autograd hands each
+    parameter a fresh gradient, which a post-accumulate hook copies into the row (one read and
+    one write, instead of zeroing the row and accumulating into it: a write, two reads and a
+    write). :meth:`materialize` zeroes what no backward reached before the rows are read.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], rows: int = 1, names: Optional[Sequence[str]] = None):
@@ -127,8 +133,10 @@ class FlatGradBuffer:
         self.active_row = 0
         self._views = [self._make_views(r) for r in range(rows)]
         self._received: set[int] = set()
+        # Per row, the parameters whose segment holds leftovers of an earlier step (lazy zeroing).
+        self._stale: list[set[int]] = [set() for _ in range(rows)]
         self._hooks = [
-            p.register_post_accumulate_grad_hook(self._mark_received(i)) for i, p in enumerate(self.params)
+            p.register_post_accumulate_grad_hook(self._on_accumulated(i)) for i, p in enumerate(self.params)
         ]
         self.bind(0)
 
@@ -146,11 +154,20 @@ class FlatGradBuffer:
             p.grad = None
         self.data, self.rows = data, rows
         self._views = [self._make_views(r) for r in range(rows)]
+        self._stale = self._stale[:keep] + [set() for _ in range(rows - keep)]
         self.bind(self.active_row if self.active_row < rows else 0)
 
-    def _mark_received(self, index: int):
-        def hook(_param):
+    def _on_accumulated(self, index: int):
+        def hook(param):
             self._received.add(index)
+            stale = self._stale[self.active_row]
+            if index in stale:  # the first gradient since a lazy zero_: move it into the row
+                view = self._views[self.active_row][index]
+                g = param.grad
+                if g is not None and g is not view:
+                    local_tensor(view).copy_(local_tensor(g))
+                    param.grad = view
+                    stale.discard(index)
 
         return hook
 
@@ -172,36 +189,66 @@ class FlatGradBuffer:
     def bind(self, row: int = 0) -> None:
         """Point every parameter's ``.grad`` at its slice of ``row``; the next backward
         accumulates there. Gradients already in ``.grad`` that live elsewhere are added into the row
-        first, so nothing computed is lost."""
+        first, so nothing computed is lost. A parameter whose segment of ``row`` is stale (lazily
+        zeroed) keeps ``.grad = None`` until its first gradient arrives."""
         if not 0 <= row < self.rows:
             raise IndexError(f"row {row} out of range for a buffer of {self.rows} rows")
-        for p, view in zip(self.params, self.views(row)):
+        stale = self._stale[row]
+        for i, (p, view) in enumerate(zip(self.params, self.views(row))):
             g = p.grad
             if g is not None and not self._owns(g):
                 if g.is_sparse:
                     raise ValueError("sparse gradients are not supported by mmgrad's flat buffers")
-                local_tensor(view).add_(local_tensor(g))
-            p.grad = view
+                if i in stale:
+                    local_tensor(view).copy_(local_tensor(g))
+                    stale.discard(i)
+                else:
+                    local_tensor(view).add_(local_tensor(g))
+            p.grad = None if i in stale else view
         self.active_row = row
+
+    def materialize(self) -> None:
+        """Make every row hold exactly the gradients computed since the last :meth:`zero_`: fold in
+        gradients left outside the buffer, zero the segments no backward reached, and bind the
+        active row. Call it before reading the rows (the optimizer does, at ``step()``)."""
+        self.bind(self.active_row)
+        for r, stale in enumerate(self._stale):
+            if stale:
+                row = self.data[r]
+                for i in stale:
+                    start = self.segments.host_offsets[i]
+                    row[start : start + self.segments.host_numels[i]].zero_()
+                stale.clear()
+        self.bind(self.active_row)
 
     def _owns(self, t: torch.Tensor) -> bool:
         return local_tensor(t).untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
 
     def is_bound(self) -> bool:
-        """True when every parameter's ``.grad`` is still the view of the active row (a
-        ``zero_grad(set_to_none=True)`` or a hand-assigned ``.grad`` breaks the binding)."""
+        """True when every parameter's ``.grad`` is still the view of the active row, or ``None``
+        awaiting its first gradient after a lazy :meth:`zero_` (a ``zero_grad(set_to_none=True)``
+        or a hand-assigned ``.grad`` breaks the binding)."""
+        stale = self._stale[self.active_row]
         return all(
-            p.grad is not None and _same_view(p.grad, v) for p, v in zip(self.params, self.views(self.active_row))
+            (p.grad is None and i in stale) or (p.grad is not None and _same_view(p.grad, v))
+            for i, (p, v) in enumerate(zip(self.params, self.views(self.active_row)))
         )
 
-    def zero_(self, rows: Optional[Iterable[int]] = None) -> None:
+    def zero_(self, rows: Optional[Iterable[int]] = None, *, lazy: bool = False) -> None:
         """Zero the given rows (all by default), rebind the active row and forget which parameters
-        received gradients."""
-        if rows is None:
-            self.data.zero_()
-        else:
-            for r in rows:
+        received gradients. ``lazy=True`` writes nothing now: the rows' segments are overwritten
+        by the first gradient they receive, and :meth:`materialize` zeroes the others."""
+        rows = range(self.rows) if rows is None else list(rows)
+        for r in rows:
+            if lazy:
+                self._stale[r] = set(range(len(self.params)))
+            else:
                 self.data[r].zero_()
+                self._stale[r] = set()
+        if lazy:
+            for p in self.params:  # bind() must not fold the old views back in
+                if p.grad is not None and self._owns(p.grad):
+                    p.grad = None
         self._received.clear()
         self.bind(self.active_row)
 

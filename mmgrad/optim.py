@@ -204,9 +204,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.method.on_epoch(self.epoch, self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every gradient; the modality gradients stay views of the flat buffer."""
+        """Zero every gradient. The modality parameters' ``.grad`` are ``None`` until a backward pass
+        reaches them (``set_to_none=True``, as in torch) and views of the flat buffer afterwards."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
-        self._buffer.zero_()
+        # set_to_none: nothing is written now, each row segment takes its first gradient by a copy.
+        self._buffer.zero_(lazy=set_to_none)
         self._synced = None
 
     def synchronize(self) -> None:
@@ -216,8 +218,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         use, so that its inf/NaN check sees the averaged gradients and every rank takes the same
         decision (otherwise one rank may skip ``step()`` while the others wait for it)."""
         if self._sync is not None and self._synced is None:
-            if not self._buffer.is_bound():
-                self._buffer.bind(self._buffer.active_row)
+            self._buffer.materialize()
             self._synced = self._sync.before_edit(self, self._local_finite())
 
     def backward(self, loss, **batch) -> None:
@@ -256,12 +257,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
     # --- step internals ---------------------------------------------------------------------------
 
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Host bookkeeping before the edit: re-bind the buffer if a plain ``backward()`` left
-        gradients elsewhere, warn about modalities without a gradient; returns the gradients
-        outside the buffer and the GradScaler's unscale factor."""
-        buffer = self._buffer
-        if not buffer.is_bound():
-            buffer.bind(buffer.active_row)  # fold in gradients a plain loss.backward() left elsewhere
+        """Host bookkeeping before the edit: complete the buffer rows, warn about modalities without
+        a gradient; returns the gradients outside the buffer and the GradScaler's unscale factor."""
+        # Fold in gradients a plain loss.backward() left elsewhere, zero what no backward reached.
+        self._buffer.materialize()
         self._warn_modalities_without_grad()
         return self._other_grads(), self._row_scale()
 

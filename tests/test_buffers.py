@@ -81,6 +81,38 @@ def test_foreign_grads_are_folded_in_when_rebinding():
     assert torch.allclose(buf.row(0), in_buffer + fresh)
 
 
+def test_lazy_zero_copies_first_gradients_and_zeroes_the_rest_on_materialize():
+    model = two_branch_model()
+    params = list(model.parameters())
+    n_a = len(list(model["a"].parameters()))
+    buf = FlatGradBuffer(params, rows=2)
+    loss_of(model).backward()  # leftovers in row 0
+    buf.bind(1)
+    loss_of(model).backward()  # and in row 1
+    buf.bind(0)
+    buf.zero_(lazy=True)
+    assert all(p.grad is None for p in params) and buf.is_bound()
+    assert buf.row(0).abs().sum() > 0  # nothing was written
+    torch.manual_seed(5)
+    loss_of(model, "a").backward()
+    torch.manual_seed(6)
+    loss_of(model, "a").backward()  # a second micro-batch accumulates in place
+    for p, view in zip(params[:n_a], buf.views(0)[:n_a]):
+        assert p.grad.data_ptr() == view.data_ptr()
+    assert all(p.grad is None for p in params[n_a:])  # not reached: None, as torch leaves it
+    buf.materialize()
+    assert buf.is_bound() and (buf.data[1] == 0).all()  # row 1 got nothing this step
+    reference = two_branch_model()
+    torch.manual_seed(5)
+    loss_of(reference, "a").backward()
+    torch.manual_seed(6)
+    loss_of(reference, "a").backward()
+    expected = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel())
+                          for p in reference.parameters()])
+    assert torch.equal(buf.row(0), expected)
+    assert buf.params_without_grad() == list(range(n_a, len(params)))
+
+
 @pytest.mark.filterwarnings("error")  # no gradient-layout-contract warning
 def test_non_contiguous_parameters():
     w = nn.Parameter(torch.randn(6, 4).T)  # a non-contiguous leaf
