@@ -111,6 +111,13 @@ class _BuildInfo:
                 "CUDA_ARCHS": self.cuda_archs, "CUDA_SKIPPED": self.cuda_skipped}
 
 
+def _torch_requirement(torch_version: str) -> str:
+    """The torch a build with ``_C`` needs: the release it was compiled against (its C++ ABI), so pip
+    never pairs a wheel with another torch (``==2.13.0`` also admits the local builds ``+cpu``,
+    ``+cu130``; mmgrad._extension then checks the exact build at import)."""
+    return "torch==" + torch_version.split("+")[0]
+
+
 def _extensions():
     if os.environ.get("MMGRAD_NO_EXTENSION") == "1":
         return [], {}
@@ -171,4 +178,10 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if ext_modules:
+    import torch
+
+    install_requires = [_torch_requirement(torch.__version__)]
+else:
+    install_requires = ["torch>=2.4"]  # pure Python: any recent torch
+setup(ext_modules=ext_modules, cmdclass=cmdclass, install_requires=install_requires)
