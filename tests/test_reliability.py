@@ -4,6 +4,7 @@ step time, and buffers beyond 2**31 elements.
 Long and large tests are marked ``slow`` (``make test-slow``); a short form of each runs by default.
 """
 
+import math
 import os
 import time
 
@@ -121,6 +122,97 @@ def jacobians(draw):
 def test_fuzz_aggregators_give_finite_output_of_the_right_shape(name, J):
     out = mmgrad.aggregate(J, name)
     assert out.shape == (J.shape[1],) and torch.isfinite(out).all()
+
+
+@st.composite
+def feature_drop_inputs(draw):
+    """Arguments of ``ops.feature_drop``: features (N, D) in any float dtype and memory layout with
+    non-finite entries here and there, per-modality widths (some 0) and drop probabilities in
+    [0, 1] (exact 0 and 1 often), and a full-range seed and counter; sometimes one argument broken."""
+    M = draw(st.integers(1, 5))
+    widths = draw(st.lists(st.integers(0, 40), min_size=M, max_size=M))
+    N, D = draw(st.one_of(st.integers(0, 40), st.integers(0, 300))), sum(widths)  # half the time <= 40
+    dtype = draw(st.sampled_from(DTYPES))
+    prob = st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))
+    p = torch.tensor(draw(st.lists(prob, min_size=M, max_size=M)), dtype=torch.float64)
+    p = p.to(draw(st.sampled_from([torch.float64, torch.float32])))
+    seed, counter = draw(st.integers(0, 2**63 - 1)), draw(st.integers(0, 2**40))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    z = torch.randn(N, D, generator=g, dtype=torch.float64) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    for _ in range(draw(st.integers(0, 3)) if N * D else 0):
+        i, j = draw(st.integers(0, N - 1)), draw(st.integers(0, D - 1))
+        z[i, j] = draw(st.sampled_from([math.nan, math.inf, -math.inf]))
+    layout = draw(st.sampled_from(["contiguous", "row-strided", "column-strided", "broadcast-rows"]))
+    if layout == "broadcast-rows" and N:
+        z = z[:1].expand(N, D)  # row stride 0: every row reads the same memory
+    zd = z.to(dtype)
+    if layout == "row-strided":
+        wide = torch.zeros(N, D + 7, dtype=dtype)
+        wide[:, 3 : 3 + D] = zd
+        zd = wide[:, 3 : 3 + D]
+    elif layout == "column-strided":
+        zd = zd.t().contiguous().t()
+    elif layout == "broadcast-rows" and N:
+        zd = zd[:1].expand(N, D)
+    broken = draw(st.sampled_from([None] * 6 + ["widths", "drop_prob", "seed", "counter", "z"]))
+    return zd, widths, p, seed, counter, broken
+
+
+# Relative error of round(round_acc(z) * round_acc(scale)) against z * scale in float64, and the
+# fp16 subnormal spacing (an absolute error there).
+FD_RTOL = {torch.float64: 1e-15, torch.float32: 2.5e-7, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+FD_ATOL = {torch.float64: 0.0, torch.float32: 0.0, torch.float16: 2.0**-24, torch.bfloat16: 0.0}
+
+
+# The Triton interpreter's numpy reports the inf * 0 it computes before masking dropped entries.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("case", CPU_CASES)
+def test_fuzz_feature_drop(case):
+    _, backend = case
+    # The Triton interpreter runs each 16-row program in numpy (~20 ms): fewer examples there.
+    examples = 16 if backend == "triton" else FUZZ.max_examples
+
+    @settings(FUZZ, max_examples=examples)
+    @given(args=feature_drop_inputs())
+    def check(args):
+        _check_feature_drop(backend, *args)
+
+    check()
+
+
+def _check_feature_drop(backend, z, widths, p, seed, counter, broken):
+    seed_t, counter_t = torch.tensor(seed), torch.tensor(counter)
+    if broken is not None:
+        bad = {
+            "widths": (z, widths[:-1] + [widths[-1] + 1], p, seed_t, counter_t),
+            "drop_prob": (z, widths, torch.cat([p, p[:1]]), seed_t, counter_t),
+            "seed": (z, widths, p, seed_t.to(torch.int32), counter_t),
+            "counter": (z, widths, p, seed_t, torch.tensor([counter, counter])),
+            "z": (z.unsqueeze(0), widths, p, seed_t, counter_t),
+        }[broken]
+        with pytest.raises(ValueError):
+            ops.feature_drop(*bad, backend=backend)
+        return
+    out, keep = ops.feature_drop(z, widths, p, seed_t, counter_t, backend=backend)
+    N, D, M = z.shape[0], z.shape[1], len(widths)
+    assert out.shape == (N, D) and out.dtype == z.dtype and keep.shape == (N, M) and keep.dtype == torch.bool
+    ref_out, ref_keep = reference.feature_drop(z, widths, p, seed_t, counter_t)
+    assert torch.equal(keep, ref_keep)
+    tol = {"rtol": FD_RTOL[z.dtype], "atol": FD_ATOL[z.dtype]}
+    torch.testing.assert_close(out, ref_out, equal_nan=True, **tol)
+    # Independently of the reference's arithmetic: float64 z * scale where kept, exactly 0 elsewhere.
+    p64 = [float(v) for v in p.double()]
+    theta = sum(w * q for w, q in zip(widths, p64)) / D if D else 0.0
+    scale = 1.0 / (1.0 - theta) if theta < 1 else 0.0
+    cols = torch.cat([keep[:, m : m + 1].expand(N, w) for m, w in enumerate(widths)], 1)
+    assert (out[~cols] == 0).all()  # dropped: 0, also where z is inf or NaN
+    expected = z.double()[cols] * scale
+    got = out[cols].double()
+    assert torch.equal(got.isnan(), expected.isnan())  # NaN only where z had one, and not dropped
+    big = expected.abs() > torch.finfo(z.dtype).max * (1 + 2 * tol["rtol"])  # overflows z's dtype
+    assert torch.equal(got[big], expected[big].sign() * math.inf)
+    fine = torch.isfinite(expected) & (expected.abs() <= torch.finfo(z.dtype).max)
+    assert ((got[fine] - expected[fine]).abs() <= tol["rtol"] * expected[fine].abs() + tol["atol"]).all()
 
 
 # --- long runs ----------------------------------------------------------------------------------
@@ -288,3 +380,178 @@ def test_resume_in_a_fresh_process_is_bitwise(name, tmp_path):
     resumed = torch.load(path + ".out")
     for p, q in zip(model.parameters(), resumed):
         assert torch.equal(p.detach(), q)
+
+
+# --- resume of the forward-, data- and schedule-level methods, through the recipe's hooks ---------
+
+# Each method's schedule is shortened so that its events fall on both sides of the checkpoint taken
+# before epoch RESUME_AT of EPOCHS: OPM drops from epoch 2 on (its stream counter has advanced at
+# the checkpoint); re-learning re-initialises after epochs 1 and 3 and then stops (times=2, so a lost
+# count would add a third after epoch 5, a lost theta_init would move towards other weights); the
+# valuation methods plan re-sampled rows after every epoch from 2 on (epoch 3 trains on rows planned
+# before the checkpoint); CRMT trains its head with the margin loss, then runs stage 2.
+RESUME_SPECS = {
+    "opm": "opm:start=2:q_base=0.5",
+    "relearn": "relearn:every=2:times=2",
+    "sample": "sample:start=2",
+    "modality": "modality:start=2:part_ratio=0.5",
+    "crmt": "crmt:stage2=2",
+}
+EPOCHS, RESUME_AT = 6, 3
+
+
+def _two_modality_data():
+    """A small 3-class set: modality "a" separates the classes well, "v" barely (an imbalance for
+    the methods to act on)."""
+    from mmgrad.recipes.data import MultiViewSplit
+
+    g = torch.Generator().manual_seed(5)
+    centres = {"a": torch.randn(3, 6, generator=g) * 2.0, "v": torch.randn(3, 5, generator=g) * 0.4}
+
+    def split(n):
+        y = torch.arange(n) % 3
+        return MultiViewSplit({m: c[y] + torch.randn(n, c.shape[1], generator=g) for m, c in centres.items()}, y)
+
+    return split(96), split(48)
+
+
+def _recipe_run(name, save=None, resume=None, restore_method=True):
+    """``run_one``'s training loop for ``name`` with its hooks (``_EpochHooks``: OPM's feature edit,
+    the re-sampled rows, the end-of-epoch diagnosis and plans, CRMT's loss and stage 2), with a
+    checkpoint of everything a run depends on written to ``save`` before epoch RESUME_AT, or read
+    from ``resume`` (into a model built from other initial weights, under another global RNG state)
+    to continue from there. ``restore_method=False`` leaves the method's own state out of the
+    restore (the control that shows it matters). Returns the final parameters and a log of the
+    method's events per epoch."""
+    from mmgrad.recipes.models import build_model
+    from mmgrad.recipes.train import TrainConfig, _EpochHooks, parse_method
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same reduction order in the test process and the fresh one
+    try:
+        spec = parse_method(RESUME_SPECS[name])
+        train, val = _two_modality_data()
+        config = TrainConfig(epochs=EPOCHS, batch_size=32, lr=0.05)
+        torch.manual_seed(99 if resume else 0)
+        model = build_model({"a": (6,), "v": (5,)}, 3, hidden=(16,), features=8,
+                            fusion="crmt" if name == "crmt" else "concat")
+        opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
+        # A resumed OPM or resampler is built with another seed: theirs must come from the state.
+        # Re-learning's seed (of k-means) is a setting its state does not hold, like lam and every.
+        hooks = _EpochHooks(spec, model, train, val, 3, seed=8 if resume and name != "relearn" else 7)
+        rows_rng = torch.Generator().manual_seed(7)
+        log = []
+        if hooks.opm is not None:
+            hooks.opm.register_forward_hook(lambda mod, args, out: log.append(("opm", int((~out.keep).sum()))))
+        first = 0
+        if resume:
+            saved = torch.load(resume)
+            first = saved["epoch"]
+            if restore_method or name != "crmt":
+                model.load_state_dict(saved["model"])
+            else:  # the CRMT head is the method's state: restore the encoders only
+                encoders = {k: v for k, v in saved["model"].items() if not k.startswith("fusion.")}
+                model.load_state_dict(encoders, strict=False)
+            opt.load_state_dict(saved["opt"])
+            rows_rng.set_state(saved["rows_rng"])
+            if restore_method:
+                if hooks.opm is not None:
+                    hooks.opm.load_state_dict(saved["opm"])
+                if hooks.relearn is not None:
+                    hooks.relearn.load_state_dict(saved["relearn"])
+                if hooks.resampler is not None:
+                    from mmgrad.methods.valuation import Resampled
+
+                    hooks.resampler.load_state_dict(saved["resampler"])
+                    extra = saved["extra"]
+                    hooks.extra = Resampled(extra["index"], extra["keep"], tuple(extra["names"]))
+            torch.manual_seed(4321)
+        for epoch in range(first, EPOCHS):
+            if save and epoch == RESUME_AT:
+                extra = hooks.extra
+                torch.save({
+                    "epoch": epoch, "model": model.state_dict(), "opt": opt.state_dict(),
+                    "rows_rng": rows_rng.get_state(),
+                    "opm": hooks.opm.state_dict() if hooks.opm is not None else None,
+                    "relearn": hooks.relearn.state_dict() if hooks.relearn is not None else None,
+                    "resampler": hooks.resampler.state_dict() if hooks.resampler is not None else None,
+                    # The rows planned after the last epoch, which the next one trains on.
+                    "extra": None if extra is None else
+                    {"index": extra.index, "keep": extra.keep, "names": list(extra.names)},
+                }, save)
+            log.append(("epoch", epoch))
+            model.train()
+            hooks.set_epoch(epoch)
+            rows, row_keep = hooks.rows(rows_rng)
+            log.append(("rows", rows.numel()))
+            for b in range(0, rows.numel(), config.batch_size):
+                idx = rows[b : b + config.batch_size]
+                keep = row_keep[b : b + config.batch_size] if row_keep is not None else None
+                z = model.encode({m: train.views[m][idx] for m in ("a", "v")})
+                loss, _ = hooks.loss(z, keep, train.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            action = hooks.end_epoch(epoch)
+            if action and "relearn_alpha" in action:
+                log.append(("relearn", sorted(action["relearn_alpha"].items())))
+        finish = hooks.finish(config, seed=7)
+        if finish:
+            log.append(("stage2", finish["stage2_loss"]))
+        return [p.detach().clone() for p in model.parameters()], log
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _after(log, epoch):
+    """The entries of ``log`` from the start of ``epoch`` on."""
+    return log[log.index(("epoch", epoch)) :]
+
+
+_RECIPE_RESUME_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_reliability import RESUME_SPECS, _recipe_run
+
+folder = sys.argv[1]
+for name in RESUME_SPECS:
+    torch.save(_recipe_run(name, resume=f"{{folder}}/{{name}}.pt"), f"{{folder}}/{{name}}.out")
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_resumes(tmp_path_factory):
+    """Uninterrupted runs of every method (each writing its mid-run checkpoint), then one fresh
+    process (one interpreter start for all) that resumes them all from their checkpoints;
+    ``{name: (uninterrupted, resumed, checkpoint path)}``, runs as ``(parameters, log)``."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("recipe_resume")
+    full = {name: _recipe_run(name, save=str(folder / f"{name}.pt")) for name in RESUME_SPECS}
+    script = _RECIPE_RESUME_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", script, str(folder)], check=True, timeout=300)
+    return {name: (full[name], torch.load(folder / f"{name}.out"), str(folder / f"{name}.pt")) for name in RESUME_SPECS}
+
+
+@pytest.mark.parametrize("name", list(RESUME_SPECS))
+def test_recipe_methods_resume_in_a_fresh_process_bitwise(name, recipe_resumes):
+    (params, log), (resumed_params, resumed_log), checkpoint = recipe_resumes[name]
+    # The method acted after the checkpoint (so the test would see a lost state) ...
+    after = _after(log, RESUME_AT)
+    if name == "opm":
+        assert any(kind == "opm" and dropped > 0 for kind, dropped in after)
+    elif name == "relearn":
+        assert [k for k, _ in log].count("relearn") == 2 and any(k == "relearn" for k, _ in after)
+    elif name in ("sample", "modality"):
+        assert ("rows", 96) in log and all(k != "rows" or n > 96 for k, n in after)
+    else:
+        assert any(k == "stage2" for k, _ in after)
+    # ... the fresh process did the same from there, and ended on the same bits.
+    assert resumed_log == after
+    assert len(params) == len(resumed_params)
+    for p, q in zip(params, resumed_params):
+        assert torch.equal(p, q)
+    # Control: without the method's state the continuation differs.
+    lost, _ = _recipe_run(name, resume=checkpoint, restore_method=False)
+    assert not all(torch.equal(p, q) for p, q in zip(params, lost))
