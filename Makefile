@@ -61,8 +61,9 @@ wheel-smoke: wheel
 # `torch===2.13.0` (exact) is the default cu130 build (CUDA 13, as this machine's nvcc 13.0);
 # `==` would also accept a local 2.13.0+cpu wheel. torch comes with its nvidia-* runtime wheels:
 # without them `import torch` fails (libtorch_cuda.so links cuBLAS, cuDNN, NCCL...), and setup.py
-# needs torch to decide what to build. Measured here (2 shared cores, MAX_JOBS=2): about 1.5 min
-# to create the venv (2.6 GB of wheels), about 2.5 min to build and check.
+# needs torch to decide what to build. Measured here (2 cores shared with other jobs, MAX_JOBS=2):
+# 1 min to create the venv (2.6 GB of wheels, downloads included), then 2.5 to 6 min (by load) to
+# compile and check; 7 min in all from scratch on a busy machine.
 CUDA_VENV ?= .venv-cuda
 CUDA_TORCH_SPEC ?= torch===2.13.0
 CUDA_CHECK_DIR ?= build/cuda-build-check

@@ -166,7 +166,8 @@ def check_gram(J):
 @cuda_only
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("K,P", [(1, 1), (1, 37), (2, 1), (2, 513), (3, 1001), (4, 2048), (5, 7),
-                                 (8, 129), (9, 333), (12, 4099), (16, 200), (16, 100003)])
+                                 (8, 129), (9, 333), (12, 4099), (16, 200), (16, 100003),
+                                 (40, 31), (70, 999)])
 def test_gram(dtype, K, P, gen):
     check_gram(randn(K, P, dtype=dtype, gen=gen))
 
@@ -434,7 +435,7 @@ def check_segment_gram(J, offsets, numels):
 
 @cuda_only
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16])
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 17])
 def test_segment_gram(dtype, K, gen):
     J = misaligned_J(K, 70000, dtype, gen)
     check_segment_gram(J, *make_segments(J.shape[1], SIZES, gen))
