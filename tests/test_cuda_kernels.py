@@ -340,8 +340,7 @@ def test_noise_matches_reference(seed, gen):
 @cuda_only
 def test_int64_indexing_past_two_to_the_31_elements():
     # A bfloat16 buffer of 2**31 + 4099 elements (4.3 GB): segments across and beyond element
-    # 2**31, where int32 indices would wrap. (The Philox counter's high word, used from element
-    # 2**34 on, needs 32 GB; the generator is the same code path.)
+    # 2**31, where int32 indices would wrap.
     N = 2**31 + 4099
     x = torch.zeros(N, dtype=torch.bfloat16, device=DEV)
     offsets = torch.tensor([2**31 - 3, N - 4001, 5], device=DEV)
@@ -359,6 +358,29 @@ def test_int64_indexing_past_two_to_the_31_elements():
         assert torch.all((m[k] - mref).abs() <= 1e-5 * torch.stack([got.abs().sum(), mref[1]]))
         assert torch.equal(c[o:o + n].cpu().double(), 2 * got)
     assert int(torch.count_nonzero(x)) <= 10 + 4001 + 7
+
+
+def _free_gpu_bytes():
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+
+
+@cuda_only
+def test_noise_past_element_2_to_the_34():
+    # From element 2**34 on the Philox block index (i >> 2) needs the counter's high word; a
+    # bfloat16 buffer that long takes 32 GB.
+    N = 2**34 + 4096
+    if _free_gpu_bytes() < 2 * N + 2**30:
+        pytest.skip(f"needs {(2 * N + 2**30) / 2**30:.0f} GiB of free GPU memory")
+    x = torch.zeros(N, dtype=torch.bfloat16, device=DEV)
+    offsets = torch.tensor([2**34 - 8, 7], device=DEV)
+    numels = torch.tensor([4104, 9], device=DEV)
+    s = torch.tensor([2**33 + 99], dtype=torch.int64, device=DEV)
+    ops.segment_scale_(x, offsets, numels, torch.zeros(2, device=DEV), torch.ones(2, device=DEV), s,
+                       backend="cuda")
+    for o, n in zip(offsets.tolist(), numels.tolist()):
+        z = ref.philox_normal(s.cpu(), torch.arange(o, o + n))
+        assert (x[o:o + n].cpu().double() - z).abs().max() <= 2.0**-8 * z.abs().max() + 1e-5
+    del x
 
 
 @cuda_only
