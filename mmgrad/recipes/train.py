@@ -312,7 +312,7 @@ class _EpochHooks:
             z_train = model.encode(self.train.views)
             z_val = model.encode(self.val.views)
             alpha = self.relearn.diagnose(z_train, self.train.labels, z_val, self.val.labels)
-            self.relearn.relearn(alpha)
+            self.relearn.relearn(alpha, epoch=epoch + 1)
             return {"relearn_alpha": alpha}
         if self.resampler is not None and epoch >= self.resampler.start_epoch:
             model.eval()
