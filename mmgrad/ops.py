@@ -282,13 +282,12 @@ def _segment_lerp_op(
 
 def _feature_drop_impl(device: torch.device, backend: Optional[str]):
     name = resolve_backend(device, backend)
-    if name == "triton":
-        # The Triton kernel lives in its own module, outside mmgrad.triton's op table.
-        return importlib.import_module("mmgrad.triton.feature_drop").feature_drop
     impl = _implementation(device, name)
-    if not hasattr(impl, "feature_drop"):
+    if hasattr(impl, "feature_drop"):
+        return impl.feature_drop
+    if backend or os.environ.get("MMGRAD_BACKEND"):
         raise NotImplementedError(f"mmgrad backend {name!r} has no feature_drop kernel; use 'triton' or 'reference'")
-    return impl.feature_drop
+    return reference.feature_drop  # the auto policy picked a backend without this kernel
 
 
 @torch.library.custom_op("mmgrad::feature_drop", mutates_args=())

@@ -18,19 +18,31 @@ from mmgrad import ops  # noqa: E402  (after TRITON_INTERPRET is set)
 REQUIRE_CPP = os.environ.get("MMGRAD_REQUIRE_CPP") == "1"
 
 
-def backend_cases() -> list:
+def _missing_kernel(device: str, backend: str, op) -> str | None:
+    """Why ``backend`` cannot run ``op`` on a usable ``device``, or None (some ops have no kernel in
+    every backend: the policy then picks another one)."""
+    if op is None:
+        return None
+    impl = ops._implementation(torch.device(device), backend)
+    return None if hasattr(impl, op) else f"the {backend} backend has no {op} kernel"
+
+
+def backend_cases(op: str | None = None) -> list:
     """(device, backend) pairs to test, each a pytest param skipped with its reason if unusable:
-    every CPU backend here, and Triton / the reference on CUDA tensors when a GPU is present."""
+    every CPU backend here, and Triton / the reference on CUDA tensors when a GPU is present.
+    With ``op``, backends without a kernel for that op are skipped too."""
     params = []
     for name, why in ops.available_backends("cpu").items():
         if name == "cuda":
             continue  # CUDA tensors only, below
         if why is not None and name == "cpp" and REQUIRE_CPP:
             raise RuntimeError(f"MMGRAD_REQUIRE_CPP=1 but the C++ backend is unavailable: {why}")
+        why = why or _missing_kernel("cpu", name, op)
         marks = [pytest.mark.skip(reason=why)] if why is not None else []
         params.append(pytest.param(("cpu", name), marks=marks, id=f"cpu-{name}"))
     for name in ("triton", "cuda", "reference"):
         why = "no CUDA device" if not torch.cuda.is_available() else ops.available_backends("cuda")[name]
+        why = why or _missing_kernel("cuda", name, op)
         marks = [pytest.mark.skip(reason=why)] if why is not None else []
         params.append(pytest.param(("cuda", name), marks=marks, id=f"cuda-{name}"))
     return params
