@@ -40,17 +40,21 @@ def bench_gram_combine(device, backend, P, Ks, dtype=torch.float32):
         t_gram = median_time(lambda: ops.gram(J, backend=backend), device)
         t_mm = median_time(lambda: J @ J.T, device)
         t_comb = median_time(lambda: ops.combine(J, w, backend=backend), device)
+        out = torch.empty(P, device=device, dtype=dtype)
+        t_into = median_time(lambda: ops.combine(J, w, out=out, backend=backend), device)
         t_wJ = median_time(lambda: w @ J, device)
         # Bandwidth counts the bytes of J read (combine also writes P values: 1/K more).
         rows.append([
             K, f"{P / 2**20:.0f}M", nbytes / t_sum / 1e9,
             1e3 * t_gram, nbytes / t_gram / 1e9, 100 * t_sum / t_gram, 1e3 * t_mm, 100 * t_sum / t_mm,
-            1e3 * t_comb, nbytes / t_comb / 1e9, 100 * t_sum / t_comb, 1e3 * t_wJ, 100 * t_sum / t_wJ,
+            1e3 * t_comb, nbytes / t_comb / 1e9, 100 * t_sum / t_comb,
+            1e3 * t_into, nbytes / t_into / 1e9, 100 * t_sum / t_into, 1e3 * t_wJ, 100 * t_sum / t_wJ,
         ])
         del J
     header = [
         "K", "P", "J.sum() GB/s", "gram ms", "gram GB/s", "gram % of sum bw", "J@J.T ms",
-        "J@J.T % of sum bw", "combine ms", "combine GB/s", "combine % of sum bw", "w@J ms", "w@J % of sum bw",
+        "J@J.T % of sum bw", "combine ms", "combine GB/s", "combine % of sum bw", "combine out= ms",
+        "combine out= GB/s", "combine out= % of sum bw", "w@J ms", "w@J % of sum bw",
     ]
     note = f"Device-to-device copy bandwidth (read + write) measured in the same run: {copy_bw:.0f} GB/s."
     return markdown_table(header, rows) + "\n\n" + note

@@ -6,6 +6,7 @@
 TORCH_LIBRARY(mmgrad_C, m) {
   m.def("gram(Tensor J) -> Tensor");
   m.def("combine(Tensor J, Tensor w) -> Tensor");
+  m.def("combine_out(Tensor J, Tensor w, Tensor(a!) out) -> ()");
   m.def("segment_moments(Tensor x, Tensor offsets, Tensor numels) -> Tensor");
   m.def("segment_gram(Tensor J, Tensor offsets, Tensor numels) -> Tensor");
   m.def(

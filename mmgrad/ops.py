@@ -144,6 +144,10 @@ class _CppBackend:
         return torch.ops.mmgrad_C.combine(J, w)
 
     @staticmethod
+    def combine_out(J, w, out):
+        torch.ops.mmgrad_C.combine_out(J, w, out)
+
+    @staticmethod
     def segment_moments(x, offsets, numels):
         return torch.ops.mmgrad_C.segment_moments(x, offsets, numels)
 
@@ -216,6 +220,15 @@ def _combine_op(J: torch.Tensor, w: torch.Tensor, backend: Optional[str] = None)
 @_combine_op.register_fake
 def _(J, w, backend=None):
     return J.new_empty((J.shape[1],))
+
+
+@torch.library.custom_op("mmgrad::combine_out", mutates_args=("out",))
+def _combine_out_op(J: torch.Tensor, w: torch.Tensor, out: torch.Tensor, backend: Optional[str] = None) -> None:
+    impl = _implementation(J.device, backend)
+    if hasattr(impl, "combine_out"):
+        impl.combine_out(J, w, out)
+    else:  # backends without an in-place kernel: the fresh result, copied
+        out.copy_(impl.combine(J, w))
 
 
 @torch.library.custom_op("mmgrad::segment_moments", mutates_args=())
@@ -352,16 +365,29 @@ def gram(J: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
     return _gram_op(_check_matrix(J), backend)
 
 
-def combine(J: torch.Tensor, w: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def combine(
+    J: torch.Tensor, w: torch.Tensor, *, out: Optional[torch.Tensor] = None, backend: Optional[str] = None
+) -> torch.Tensor:
     """``w @ J`` (shape (P,), ``J``'s dtype) in one pass over ``J``, accumulated in float32
-    (float64 for float64 input)."""
+    (float64 for float64 input). ``out``: a contiguous (P,) tensor of ``J``'s dtype to write into
+    and return (a fresh output's page faults cost more than the arithmetic at small K on a CPU);
+    it may share memory with ``J`` (then the result goes through a temporary)."""
     J = _check_matrix(J)
     if w.shape != (J.shape[0],):
         raise ValueError(f"w must have shape ({J.shape[0]},) to combine {J.shape[0]} rows, got {tuple(w.shape)}")
     if w.device != J.device:
         raise ValueError(f"w is on {w.device} but J is on {J.device}")
     w = w.to(reference.accumulation_dtype(J.dtype)).contiguous()
-    return _combine_op(J, w, backend)
+    if out is None:
+        return _combine_op(J, w, backend)
+    if out.shape != (J.shape[1],) or out.dtype != J.dtype or out.device != J.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({J.shape[1]},) {J.dtype} tensor on {J.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.numel() and out.untyped_storage().data_ptr() == J.untyped_storage().data_ptr():
+        out.copy_(_combine_op(J, w, backend))
+    else:
+        _combine_out_op(J, w, out, backend)
+    return out
 
 
 def _check_table(offsets: torch.Tensor, numels: torch.Tensor, device: torch.device):

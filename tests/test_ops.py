@@ -74,6 +74,35 @@ def test_combine_matches_float64_reference(case, dtype, K, P):
 
 
 @pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("K,P", SHAPES)
+def test_combine_into_out_equals_the_fresh_result(case, dtype, K, P):
+    device, backend = case
+    J = random_matrix(K, P, dtype, device=device)
+    w = torch.randn(K, device=device)
+    out = torch.full((P,), float("nan"), dtype=dtype, device=device)  # every entry must be written
+    assert ops.combine(J, w, out=out, backend=backend) is out
+    assert torch.equal(out, ops.combine(J, w, backend=backend))
+    assert_combine_close(out, J, w, dtype)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_combine_out_misaligned_aliased_and_bad(case):
+    device, backend = case
+    J = random_matrix(3, 1000, torch.float32, device=device)
+    w = torch.randn(3, device=device)
+    expected = ops.combine(J, w, backend=backend)
+    shifted = torch.zeros(1001, device=device)[1:]  # not 64-byte aligned
+    torch.testing.assert_close(ops.combine(J, w, out=shifted, backend=backend), expected, rtol=0, atol=0)
+    ops.combine(J, w, out=J[1], backend=backend)  # into a row of J itself
+    torch.testing.assert_close(J[1], expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        ops.combine(J, w, out=torch.empty(999, device=device), backend=backend)
+    with pytest.raises(ValueError, match="out must be a contiguous"):
+        ops.combine(J, w, out=torch.empty(1000, dtype=torch.float64, device=device), backend=backend)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_zero_rows_give_zero_gram_entries_and_no_nan(case):
     device, backend = case
     J = random_matrix(4, 999, torch.float32, device=device)
@@ -298,6 +327,7 @@ def test_opcheck_every_op(case):
     cases = [
         (torch.ops.mmgrad.gram.default, (J, backend)),
         (torch.ops.mmgrad.combine.default, (J, w, backend)),
+        (torch.ops.mmgrad.combine_out.default, (J, w, torch.empty(257, device=device), backend)),
         (torch.ops.mmgrad.segment_moments.default, (x, offsets, numels, backend)),
         (torch.ops.mmgrad.segment_gram.default, (J[:, :250], offsets, numels, backend)),
         (torch.ops.mmgrad.segment_combine_.default, (y, J[:, :250], offsets, numels, torch.randn(3, 3, device=device), backend)),

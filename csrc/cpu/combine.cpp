@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
@@ -31,20 +32,16 @@ const CombineKernels& combine_kernels() {
 
 namespace {
 
-at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
-  const char* op = "mmgrad_C::combine";
-  const int di = check_J(J, op);
+// out = w @ J; out is a contiguous (P,) tensor of J's dtype (validated by the callers).
+void combine_into(const at::Tensor& J, const at::Tensor& w, const at::Tensor& out, int di) {
   const int64_t K = J.size(0), P = J.size(1);
   const at::ScalarType acc = accumulation_dtype(J.scalar_type());
-  TORCH_CHECK(w.device().is_cpu(), op, ": w must be a CPU tensor, got device ", w.device());
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == K, op, ": w must have shape (K,) = (", K,
-              ",) to match J, got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == acc, op, ": w must be ", acc,
-              " (the accumulation dtype of J), got ", w.scalar_type());
+  if (P == 0) return;
+  if (K == 0) {
+    out.zero_();
+    return;
+  }
   const at::Tensor wc = w.contiguous();
-  if (K == 0) return at::zeros({P}, J.options());
-  at::Tensor out = at::empty({P}, J.options());
-  if (P == 0) return out;
   const CombineKernels& gk = combine_kernels();
   const int64_t elt = acc == at::kDouble ? 8 : 4;
   const int64_t tile = 2048, block = int64_t(1) << 16;
@@ -67,7 +64,44 @@ at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
       kern(a);
     }
   });
+}
+
+int check_combine(const at::Tensor& J, const at::Tensor& w, const char* op) {
+  const int di = check_J(J, op);
+  const int64_t K = J.size(0);
+  const at::ScalarType acc = accumulation_dtype(J.scalar_type());
+  TORCH_CHECK(w.device().is_cpu(), op, ": w must be a CPU tensor, got device ", w.device());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == K, op, ": w must have shape (K,) = (", K,
+              ",) to match J, got ", w.sizes());
+  TORCH_CHECK(w.scalar_type() == acc, op, ": w must be ", acc,
+              " (the accumulation dtype of J), got ", w.scalar_type());
+  return di;
+}
+
+at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
+  const int di = check_combine(J, w, "mmgrad_C::combine");
+  at::Tensor out = at::empty({J.size(1)}, J.options());
+  combine_into(J, w, out, di);
   return out;
+}
+
+// Into an existing buffer: no fresh allocation, whose page faults cost more than the arithmetic
+// at small K. Every output column is written after its K inputs are read, so out may be a row of
+// J (the caller routes any other overlap through a copy); its streaming stores need out's data
+// 64-byte aligned, as at::empty and the rows of a contiguous (K, P) J with P % 16 == 0 are.
+void combine_out(const at::Tensor& J, const at::Tensor& w, const at::Tensor& out) {
+  const char* op = "mmgrad_C::combine_out";
+  const int di = check_combine(J, w, op);
+  TORCH_CHECK(out.device().is_cpu() && out.dim() == 1 && out.is_contiguous() && out.size(0) == J.size(1),
+              op, ": out must be a contiguous CPU tensor of P = ", J.size(1), " elements, got ",
+              out.sizes());
+  TORCH_CHECK(out.scalar_type() == J.scalar_type(), op, ": out must have J's dtype ", J.scalar_type(),
+              ", got ", out.scalar_type());
+  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0) {
+    combine_into(J, w, out, di);
+  } else {  // the streaming stores would fault on a misaligned destination
+    out.copy_(combine(J, w));
+  }
 }
 
 }  // namespace
@@ -76,4 +110,5 @@ at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
 
 TORCH_LIBRARY_IMPL(mmgrad_C, CPU, m) {
   m.impl("combine", &mmgrad::cpu::combine);
+  m.impl("combine_out", &mmgrad::cpu::combine_out);
 }
