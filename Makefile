@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.mmgrad-installed
-SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*.h) setup.py pyproject.toml
+SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.h csrc/*/*.inc csrc/*.h csrc/cuda/*.cu kernels/*.cuh) setup.py pyproject.toml
 
 .PHONY: install test test-slow demo bench env clean cuda-build-check wheel wheel-smoke
 
