@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from mmgrad import ops, reference
+from mmgrad import ops
 
 __all__ = ["run", "main"]
 

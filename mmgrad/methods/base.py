@@ -179,6 +179,30 @@ class StepContext:
     reduce_stats: Callable = field(default=lambda *t: t[0] if len(t) == 1 else t)
 
 
+def modality_names(modalities, at_least: int = 1, method: str = "this method") -> list[str]:
+    """The modality names of a declaration: a :class:`~mmgrad.BalancedOptimizer` (its
+    :attr:`~mmgrad.BalancedOptimizer.modalities`), a mapping ``{name: module or parameters}`` or a
+    sequence of names; in order, distinct strings, at least ``at_least`` of them."""
+    if isinstance(getattr(modalities, "modalities", None), Mapping):  # a BalancedOptimizer
+        modalities = modalities.modalities
+    if isinstance(modalities, Mapping):
+        names = list(modalities.keys())
+    elif isinstance(modalities, (str, bytes)) or not isinstance(modalities, Sequence):
+        raise TypeError(
+            "modalities must be a sequence of modality names, a {name: params} mapping or a "
+            f"BalancedOptimizer, got {type(modalities).__name__}"
+        )
+    else:
+        names = list(modalities)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"modality names must be strings, got {names!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"modality names must be distinct (one repeats), got {names}")
+    if len(names) < at_least:
+        raise ValueError(f"{method} needs at least {at_least} modalities, got {names}")
+    return names
+
+
 def _sum_losses(loss) -> torch.Tensor:
     if isinstance(loss, torch.Tensor):
         return loss

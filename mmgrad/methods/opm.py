@@ -21,13 +21,14 @@ with the host, replays in a CUDA graph, and a run resumed from ``state_dict`` dr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmgrad import ops
+from mmgrad.methods.base import modality_names
 from mmgrad.methods.ogm import confidence_scores
 
 __all__ = ["OPM", "OPMOutput", "opm_drop_probabilities", "others_sum_ratio"]
@@ -77,27 +78,6 @@ class OPMOutput:
         return fused_logits.index_select(0, index), targets.index_select(0, index)
 
 
-def _modality_names(modalities) -> list[str]:
-    if isinstance(getattr(modalities, "modalities", None), Mapping):  # a BalancedOptimizer
-        modalities = modalities.modalities
-    if isinstance(modalities, Mapping):
-        names = list(modalities.keys())
-    elif isinstance(modalities, (str, bytes)) or not isinstance(modalities, Sequence):
-        raise TypeError(
-            "modalities must be a sequence of modality names, a {name: params} mapping or a "
-            f"BalancedOptimizer, got {type(modalities).__name__}"
-        )
-    else:
-        names = list(modalities)
-    if not all(isinstance(n, str) for n in names):
-        raise TypeError(f"modality names must be strings, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"modality names must be distinct, got {names}")
-    if len(names) < 2:
-        raise ValueError(f"OPM balances at least 2 modalities, got {names}")
-    return names
-
-
 class OPM(nn.Module):
     """On-the-fly prediction modulation: drops the dominant modality's features in the forward pass.
 
@@ -136,7 +116,7 @@ class OPM(nn.Module):
         eps: float = 1e-8,
     ):
         super().__init__()
-        self.names = _modality_names(modalities)
+        self.names = modality_names(modalities, at_least=2, method="OPM")
         if not 0 <= q_base <= 1:
             raise ValueError(f"q_base must be in [0, 1], got {q_base}")
         if not lam >= 0:

@@ -26,6 +26,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch.utils.data import Dataset
 
+from mmgrad.methods.base import modality_names
 from mmgrad.nn import shapley_values
 
 __all__ = [
@@ -130,25 +131,6 @@ def _empty_plan(names: tuple[str, ...]) -> Resampled:
     return Resampled(torch.zeros(0, dtype=torch.int64), torch.zeros(0, len(names), dtype=torch.bool), names)
 
 
-def _declared_names(modalities) -> tuple[str, ...]:
-    from mmgrad.optim import BalancedOptimizer  # lazy: mmgrad.optim imports mmgrad.methods
-
-    if isinstance(modalities, BalancedOptimizer):
-        names = list(modalities.modalities)
-    elif isinstance(modalities, Mapping):
-        names = list(modalities)
-    elif isinstance(modalities, (list, tuple)) and all(isinstance(m, str) for m in modalities):
-        names = list(modalities)
-    else:
-        raise TypeError(
-            "modalities must be a BalancedOptimizer, a mapping {name: module or parameters} or a list "
-            f"of names, got {type(modalities).__name__}"
-        )
-    if len(set(names)) != len(names):
-        raise ValueError(f"modality names repeat: {names}")
-    return tuple(names)
-
-
 class ValuationResampler:
     """Plans each epoch's extra training rows from per-sample Shapley values.
 
@@ -204,7 +186,7 @@ class ValuationResampler:
             raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.names = _declared_names(modalities)
+        self.names = tuple(modality_names(modalities))
         if len(self.names) < 2:
             raise ValueError(f"modality valuation needs at least two modalities, got {list(self.names)}")
         self.level = level
