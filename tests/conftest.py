@@ -5,6 +5,7 @@ imported; without a GPU the suite sets it so every Triton kernel is exercised he
 """
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -46,6 +47,15 @@ def backend_cases(op: str | None = None) -> list:
         marks = [pytest.mark.skip(reason=why)] if why is not None else []
         params.append(pytest.param(("cuda", name), marks=marks, id=f"cuda-{name}"))
     return params
+
+
+@pytest.fixture
+def gen(request):
+    """A generator seeded from the test's id: each test draws its own reproducible inputs;
+    MMGRAD_TEST_SEED=<n> shifts every seed to draw fresh ones."""
+    g = torch.Generator()
+    g.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("MMGRAD_TEST_SEED", "0")))
+    return g
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,7 @@ other backends:
 * noise: |z - philox_normal| <= 1e-5 (float32 evaluation of the float64 formula).
 """
 
-import os
 import sys
-import zlib
 
 import pytest
 import torch
@@ -57,14 +55,6 @@ def acc_tol(dtype):
 
 def randn(*shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEV)
-
-
-@pytest.fixture
-def gen(request):
-    # Random inputs drawn per test from its id (reproducible); MMGRAD_TEST_SEED draws fresh ones.
-    g = torch.Generator()
-    g.manual_seed(zlib.crc32(request.node.nodeid.encode()) + int(os.environ.get("MMGRAD_TEST_SEED", "0")))
-    return g
 
 
 def misaligned_J(K, P, dtype, gen, shift=1, pad=3):

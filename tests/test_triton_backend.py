@@ -18,7 +18,6 @@ Tolerances (the oracle is mmgrad.reference in float64 on the same input values):
 """
 
 import os
-import zlib
 
 import torch
 
@@ -56,15 +55,6 @@ def acc_tol(dtype):
 
 def randn(*shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEV)
-
-
-@pytest.fixture
-def gen(request):
-    # Random inputs drawn per test from its id (reproducible); MMGRAD_TEST_SEED draws fresh ones.
-    g = torch.Generator()
-    extra = int(os.environ.get("MMGRAD_TEST_SEED", "0"))
-    g.manual_seed(zlib.crc32(request.node.nodeid.encode()) + extra)
-    return g
 
 
 # --- gram ----------------------------------------------------------------------------------------
