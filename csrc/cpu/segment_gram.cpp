@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/matrix_common.h"
 
 namespace mmgrad {
 namespace cpu {
@@ -150,14 +151,41 @@ void segment_combine_cpu(const at::Tensor& out, const at::Tensor& J, const at::T
   if (chunks.empty()) return;
   auto w = weights.contiguous();
   const int64_t ld = J.stride(0);
+  const int di = dtype_index(J, op, "J");
+  const CombineKernels& ck = combine_kernels();
+  const int64_t tile = 2048;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, J.scalar_type(), "segment_combine_", [&] {
     using A = Acc<scalar_t>;
     const scalar_t* data = J.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const A* wp = w.data_ptr<A>();
     at::parallel_for(0, (int64_t)chunks.size(), 1, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i)
-        combine_chunk<scalar_t, A>(data, K, ld, wp + chunks[i].seg * K, o, chunks[i].start, chunks[i].len);
+      // The combine kernel (all K rows per output vector, streaming stores) from the first
+      // 64-byte-aligned output column of each chunk; the columns before it with the plain loop.
+      Scratch tilebuf(tile * sizeof(A) + K * ck.vector_bytes), rows(K * sizeof(void*));
+      CombineArgs a;
+      a.J = data;
+      a.K = K;
+      a.ld = ld;
+      a.out = o;
+      a.tile = tile;
+      a.tilebuf = tilebuf.p;
+      a.rows = static_cast<const void**>(rows.p);
+      for (int64_t i = lo; i < hi; ++i) {
+        const ColumnChunk& c = chunks[i];
+        const A* wc = wp + c.seg * K;
+        const uintptr_t addr = reinterpret_cast<uintptr_t>(o + c.start);
+        // K == 0 (zeros) and element-misaligned outputs take the plain loop throughout.
+        int64_t head = K == 0 || addr % sizeof(scalar_t) ? c.len : ((64 - addr % 64) % 64) / sizeof(scalar_t);
+        head = std::min(head, c.len);
+        if (head > 0) combine_chunk<scalar_t, A>(data, K, ld, wc, o, c.start, head);
+        if (head < c.len) {
+          a.w = wc;
+          a.c0 = c.start + head;
+          a.c1 = c.start + c.len;
+          ck.combine[di](a);
+        }
+      }
     });
   });
 }
