@@ -157,20 +157,26 @@ def timed(fn, device, repeat):
     return whole[len(whole) // 2], edit[len(edit) // 2]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    torch.manual_seed(0)
+def make_inputs(device, batch: int, size: int, seed: int = 0):
+    """The two-encoder model on ``device`` and one batch ``(a, v, y)`` of random inputs."""
+    torch.manual_seed(seed)
     model = AVModel().to(device)
-    a = torch.randn(args.batch, 1, args.size, args.size, device=device)
-    v = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    y = torch.randint(0, 6, (args.batch,), device=device)
+    a = torch.randn(batch, 1, size, size, device=device)
+    v = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 6, (batch,), device=device)
+    return model, a, v, y
+
+
+def step_functions(model, a, v, y) -> dict:
+    """The timed training steps on ``model`` and one batch, by name. Each call runs one whole step
+    and returns the seconds its gradient edit took (0 for the plain steps; ``mmgrad_*`` time their
+    edit together with the SGD step, whose own time ``sgd_step_only`` returns).
+
+    Names: ``plain``, ``plain_three_losses``, ``sgd_step_only``, ``reference_ogm_ge``,
+    ``mmgrad_ogm_ge``, ``reference_mmpareto``, ``mmgrad_mmpareto``. The mmgrad steps use whatever
+    backend the ops resolve when they run (``MMGRAD_BACKEND`` selects one).
+    """
+    device = a.device
     sgd = lambda: torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=1e-4)  # noqa: E731
 
     plain_opt = sgd()
@@ -237,6 +243,28 @@ def main():
         sync(device)
         return time.perf_counter() - t0
 
+    return {
+        "plain": plain, "plain_three_losses": plain_three_losses, "sgd_step_only": sgd_step_only,
+        "reference_ogm_ge": ref_ogm, "mmgrad_ogm_ge": mm_ogm,
+        "reference_mmpareto": ref_pareto, "mmgrad_mmpareto": mm_pareto,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64, help="input height and width")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model, a, v, y = make_inputs(device, args.batch, args.size)
+    steps = step_functions(model, a, v, y)
+    plain, plain_three_losses, sgd_step_only = steps["plain"], steps["plain_three_losses"], steps["sgd_step_only"]
+    ref_ogm, mm_ogm, ref_pareto, mm_pareto = (
+        steps["reference_ogm_ge"], steps["mmgrad_ogm_ge"], steps["reference_mmpareto"], steps["mmgrad_mmpareto"]
+    )
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.audio.parameters()) + sum(1 for _ in model.visual.parameters())
     t_plain, _ = timed(plain, device, args.repeat)

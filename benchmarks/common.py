@@ -32,6 +32,21 @@ def median_time(fn: Callable[[], object], device="cpu", warmup: int = 2, repeat:
     return statistics.median(times)
 
 
+def best_time(fn: Callable[[], object], device="cpu", warmup: int = 2, repeat: int = 7) -> float:
+    """Fastest wall time of ``repeat`` calls of ``fn()`` in seconds (CUDA: synchronised after each
+    call): for a peak reference such as the copy bandwidth, which noise can only lower."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def machine_description(device="cpu") -> str:
     if torch.device(device).type == "cuda":
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
