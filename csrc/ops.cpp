@@ -19,6 +19,9 @@ TORCH_LIBRARY(mmgrad_C, m) {
   m.def(
       "feature_drop(Tensor z, int[] widths, Tensor drop_prob, Tensor seed, Tensor counter) -> "
       "(Tensor, Tensor)");
+  m.def(
+      "philox_uniform(Tensor seed, Tensor counter, int n, Tensor? index, ScalarType dtype) -> "
+      "Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -39,6 +39,7 @@ __all__ = [
     "segment_scale_",
     "segment_lerp_",
     "feature_drop",
+    "philox_uniform",
 ]
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -170,6 +171,10 @@ class _CppBackend:
     @staticmethod
     def feature_drop(z, widths, drop_prob, seed, counter):
         return torch.ops.mmgrad_C.feature_drop(z, widths, drop_prob, seed, counter)
+
+    @staticmethod
+    def philox_uniform(seed, counter, n, index, dtype):
+        return torch.ops.mmgrad_C.philox_uniform(seed, counter, n, index, dtype)
 
 
 class _CudaBackend:
@@ -336,6 +341,41 @@ def _feature_drop_backward(ctx, grad_out, grad_keep):
 torch.library.register_autograd(
     "mmgrad::feature_drop", _feature_drop_backward, setup_context=_feature_drop_setup_context
 )
+
+
+def _reference_philox_uniform(seed, counter, n, index, dtype):
+    pos = torch.arange(n, dtype=torch.int64, device=seed.device) if index is None else index
+    return reference.philox_uniform(seed, counter + pos, dtype)
+
+
+def _philox_uniform_impl(device: torch.device, backend: Optional[str]):
+    name = resolve_backend(device, backend)
+    if name == "triton":
+        return importlib.import_module("mmgrad.triton.philox_uniform").philox_uniform
+    if name == "cpp":
+        return _CppBackend.philox_uniform
+    if name == "cuda" and backend == "cuda":
+        raise NotImplementedError("mmgrad backend 'cuda' has no philox_uniform kernel; use 'triton' or 'reference'")
+    # The reference, also where the policy or MMGRAD_BACKEND picked the CUDA C++ backend (no
+    # kernel for this op): it is sync-free device arithmetic, so seeded aggregators keep working.
+    return _reference_philox_uniform
+
+
+@torch.library.custom_op("mmgrad::philox_uniform", mutates_args=())
+def _philox_uniform_op(
+    seed: torch.Tensor,
+    counter: torch.Tensor,
+    n: int,
+    index: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    return _philox_uniform_impl(seed.device, backend)(seed, counter, n, index, dtype)
+
+
+@_philox_uniform_op.register_fake
+def _(seed, counter, n, index, dtype, backend=None):
+    return seed.new_empty((n,), dtype=dtype)
 
 
 # --- public functions (argument checks and normalisation, then the op) -------------------------
@@ -569,6 +609,58 @@ def feature_drop(
     return _feature_drop_op(
         z, widths, drop_prob.to(torch.float64).contiguous(), seed.reshape(()), counter.reshape(()), backend
     )
+
+
+def philox_uniform(
+    seed: torch.Tensor | int,
+    counter: torch.Tensor | int,
+    n: Optional[int] = None,
+    index: Optional[torch.Tensor] = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Counter-based uniform numbers in [0, 1), one fused op.
+
+    Position ``j`` of the stream gives ``(r0 >> 8) * 2**-24`` with ``r0`` the first output word of
+    Philox4x32-10 on the counter ``(lo32(j), hi32(j), 0, 0)`` and key ``(lo32(seed), hi32(seed))``
+    (:func:`mmgrad.reference.philox_uniform`): 24 random bits, exact in float32 and float64
+    (``dtype``). Without ``index`` the positions are ``counter + arange(n)`` (shape (n,)); with an
+    integer tensor ``index`` they are ``counter + index`` (modulo 2**64; ``index``'s shape; ``n``,
+    if given, must equal ``index.numel()``).
+
+    ``counter`` is read, not advanced: add the number of draws to it in place for the next ones.
+    Pass ``seed`` and ``counter`` as int64 tensors on the output's device to stay free of host
+    synchronisation (and CUDA-graph replayable); the GPU kernels read them on the device. Python
+    ints are converted (a copy to the device). The CUDA C++ backend has no kernel for this op: the
+    auto policy or ``MMGRAD_BACKEND=cuda`` fall back to the (sync-free) reference, ``backend="cuda"``
+    raises.
+    """
+    tensors = [t for t in (seed, counter, index) if isinstance(t, torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=device)
+    counter = counter if isinstance(counter, torch.Tensor) else torch.tensor(counter, dtype=torch.int64, device=device)
+    for name, t in (("seed", seed), ("counter", counter)):
+        if t.dtype != torch.int64 or t.numel() != 1:
+            raise ValueError(f"{name} must be an int64 tensor holding one value, got {t.dtype} of shape {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the other arguments are on {device}")
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    shape = None
+    if index is not None:
+        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise ValueError("index must be an integer tensor")
+        if index.device != device:
+            raise ValueError(f"index is on {index.device} but seed is on {device}")
+        if n is not None and n != index.numel():
+            raise ValueError(f"n = {n} but index has {index.numel()} elements")
+        shape, n = index.shape, index.numel()
+        index = index.reshape(-1).to(torch.int64).contiguous()
+    elif n is None or n < 0:
+        raise ValueError(f"n must be a non-negative number of draws (or pass index), got {n}")
+    out = _philox_uniform_op(seed.reshape(()), counter.reshape(()), int(n), index, dtype, backend)
+    return out if shape is None else out.reshape(shape)
 
 
 def table(sizes: Sequence[int], device: torch.device | str = "cpu"):

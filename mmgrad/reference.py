@@ -237,12 +237,13 @@ def philox_normal(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return radius * torch.where(use_cos, torch.cos(angle), torch.sin(angle))
 
 
-def philox_uniform(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Uniform number in [0, 1) for each stream position ``index`` (int64), as float64: the top 24
-    bits of the first Philox4x32-10 output word, ``(r0 >> 8) * 2**-24`` (exact in float32 too).
-    The convention of :class:`mmgrad.aggregators.base.SeededMixin`."""
+def philox_uniform(seed: torch.Tensor, index: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Uniform number in [0, 1) for each stream position ``index`` (int64): the top 24 bits of the
+    first Philox4x32-10 output word, ``(r0 >> 8) * 2**-24``, in ``dtype`` (exact in float32 and
+    float64). The convention of :class:`mmgrad.aggregators.base.SeededMixin` and of the fused op
+    :func:`mmgrad.ops.philox_uniform`."""
     r0, _, _, _ = philox4x32(index, seed)
-    return (r0 >> 8).to(torch.float64) * 2.0**-24
+    return (r0 >> 8).to(dtype) * 2.0**-24
 
 
 # --- feature dropping (OPM) -------------------------------------------------------------------

@@ -23,29 +23,6 @@ namespace {
 
 constexpr int64_t kRowTaskElems = int64_t(1) << 15;  // elements per parallel task, roughly
 
-// First output word of Philox4x32-10 on the counter (lo32(index), hi32(index), 0, 0) with key
-// (lo32(key), hi32(key)), as mmgrad.reference.philox4x32.
-inline uint32_t philox_r0(uint64_t index, uint64_t key) {
-  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
-  uint32_t c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
-  for (int round = 0; round < 10; ++round) {
-    if (round) {
-      k0 += kPhiloxW0;
-      k1 += kPhiloxW1;
-    }
-    const uint64_t p0 = static_cast<uint64_t>(c0) * kPhiloxM0;
-    const uint64_t p1 = static_cast<uint64_t>(c2) * kPhiloxM1;
-    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
-    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    c0 = hi1 ^ c1 ^ k0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ k1;
-    c3 = lo0;
-  }
-  return c0;
-}
-
 int64_t scalar_int64(const at::Tensor& t, const char* op, const char* arg) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", arg,

@@ -1,4 +1,5 @@
-// Constants of the counter-based Gaussian noise (mmgrad.reference.philox_normal).
+// Philox4x32-10 constants and scalar helper (mmgrad.reference.philox4x32), and the constants of the
+// counter-based Gaussian noise (mmgrad.reference.philox_normal).
 #pragma once
 
 #include <cstdint>
@@ -10,6 +11,29 @@ constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
 constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
 constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
 constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
+
+// First output word of Philox4x32-10 on the counter (lo32(index), hi32(index), 0, 0) with key
+// (lo32(key), hi32(key)), as mmgrad.reference.philox4x32.
+inline uint32_t philox_r0(uint64_t index, uint64_t key) {
+  uint32_t c0 = static_cast<uint32_t>(index), c1 = static_cast<uint32_t>(index >> 32);
+  uint32_t c2 = 0, c3 = 0;
+  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  for (int round = 0; round < 10; ++round) {
+    if (round) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const uint64_t p0 = static_cast<uint64_t>(c0) * kPhiloxM0;
+    const uint64_t p1 = static_cast<uint64_t>(c2) * kPhiloxM1;
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+  }
+  return c0;
+}
 
 // ln(1 + f) = f - f^2/2 + f^3 * Q(f) on f in [sqrt(1/2) - 1, sqrt(2) - 1]; Q fitted (weighted
 // least squares with Lawson iterations) to 6e-9 relative error of ln(1 + f).

@@ -22,7 +22,6 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mmgrad import ops
-from mmgrad.reference import philox4x32
 
 __all__ = ["Aggregator", "GramianAggregator"]
 
@@ -136,13 +135,18 @@ class Aggregator:
 GramianAggregator = Aggregator
 
 
+def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The op draws float32 or float64 (both exact); narrower types are rounded from float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 class SeededMixin:
     """A counter-based random stream: Philox4x32-10 keyed by ``seed`` (the same generator as the
     fused ops' noise, :func:`mmgrad.reference.philox4x32`), with one int64 counter per device.
 
-    Drawing is plain tensor arithmetic on the device: it never synchronises, replays in CUDA
-    graphs (the counter advances in place) and traces under ``torch.compile``. The counters are in
-    ``state_dict``, so a resumed run draws the same numbers.
+    Drawing is one fused op (:func:`mmgrad.ops.philox_uniform`) that reads the counter on the
+    device, then an in-place add: it never synchronises, replays in CUDA graphs and traces under
+    ``torch.compile``. The counters are in ``state_dict``, so a resumed run draws the same numbers.
     """
 
     seed: int
@@ -155,18 +159,17 @@ class SeededMixin:
     def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``n`` uniform numbers in [0, 1) (24 random bits each), advancing the stream by ``n``."""
         counter, key = self._stream(device)
-        index = counter + torch.arange(n, dtype=torch.int64, device=device)
-        bits, _, _, _ = philox4x32(index, key)
+        u = ops.philox_uniform(key, counter, n, dtype=_draw_dtype(dtype))
         counter.add_(n)
-        return (bits >> 8).to(dtype) * (2.0**-24)
+        return u.to(dtype)
 
     def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The numbers a ``_uniform(total, ...)`` call would give at positions ``index`` (int64),
         advancing the stream by ``total``: a shard of a draw over ``total`` elements."""
         counter, key = self._stream(index.device)
-        bits, _, _, _ = philox4x32(counter + index, key)
+        u = ops.philox_uniform(key, counter, index=index, dtype=_draw_dtype(dtype))
         counter.add_(int(total))
-        return (bits >> 8).to(dtype) * (2.0**-24)
+        return u.to(dtype)
 
     def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The counter and the Philox key of ``device``, made with fill kernels (a host-to-device

@@ -8,9 +8,17 @@ import torch
 
 from .base import Aggregator, SeededMixin, check_matrix
 
-#: Columns processed per block: both passes of a block run while it is in cache, so J is read
-#: from memory once.
-GRADDROP_BLOCK = 1 << 15
+#: Elements of J (K x columns) processed per block by default: the block and its one scratch
+#: buffer stay in cache across the block's passes, so J is read from memory once.
+GRADDROP_BLOCK_ELEMS = 1 << 18
+
+
+def _block_columns(K: int) -> int:
+    """Default columns per block: a power of two (at least 64) near GRADDROP_BLOCK_ELEMS / K.
+    torch's column sums round each column the same way for any block width that is a multiple of
+    its vector chunk, so every such width gives the same bits (the 32768 columns of earlier
+    versions included)."""
+    return 1 << max(6, (GRADDROP_BLOCK_ELEMS // K).bit_length() - 1)
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -26,6 +34,8 @@ class GradDrop(SeededMixin, Aggregator):
     over rows, no host sync). Coordinates where every row is zero give 0 (torchjd: 0 too, via NaN
     comparisons). Difference: ``U`` comes from this object's seeded generator (state in
     ``state_dict``), not the global RNG. Elementwise, so there is no ``weights(G)``.
+
+    ``block``: columns per block (default: about 2**18 / K, a power of two).
     """
 
     name = "graddrop"
@@ -33,14 +43,14 @@ class GradDrop(SeededMixin, Aggregator):
 
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor] = _identity,
                  leak: Optional[Sequence[float] | torch.Tensor] = None, seed: int = 0,
-                 block: int = GRADDROP_BLOCK) -> None:
+                 block: Optional[int] = None) -> None:
         self.f = f
         if leak is not None:
             leak = torch.as_tensor(leak, dtype=torch.float64)
             if leak.dim() != 1:
                 raise ValueError("leak must be a 1-D tensor")
         self.leak = leak
-        self.block = int(block)
+        self.block = None if block is None else int(block)
         self._leak_cache: dict = {}
         self._init_gen(seed)
 
@@ -56,10 +66,8 @@ class GradDrop(SeededMixin, Aggregator):
         acc = torch.float64 if J.dtype == torch.float64 else torch.float32
         if columns is not None:  # drawn (and the stream advanced) even for an empty shard
             draws = self._uniform_at(columns.to(J.device), P if total is None else total, acc)
-        else:
-            # All P draws up front, in large pieces: the Philox stream is ~100 elementwise torch
-            # ops, so drawing per 32K-column block would cost ~100 kernel launches per block.
-            draws = torch.cat([self._uniform(min(1 << 22, P - i), J.device, acc) for i in range(0, P, 1 << 22)]) if P else None
+        else:  # all P draws up front, in one fused op
+            draws = self._uniform(P, J.device, acc)
         if P == 0:
             return out
         leak = None
@@ -67,23 +75,31 @@ class GradDrop(SeededMixin, Aggregator):
             if self.leak.shape[0] != K:
                 raise ValueError(f"leak has {self.leak.shape[0]} entries but J has {K} rows")
             key = (J.device, acc)
-            leak = self._leak_cache.get(key)
-            if leak is None:
-                leak = self.leak.to(device=J.device, dtype=acc).unsqueeze(1)
-                self._leak_cache[key] = leak
-        for start in range(0, P, self.block):
-            Jb = J[:, start:start + self.block].to(acc)
+            cached = self._leak_cache.get(key)
+            if cached is None:
+                lk = self.leak.to(device=J.device, dtype=acc).unsqueeze(1)
+                cached = self._leak_cache[key] = (lk, 1 - lk)
+            leak, one_minus_leak = cached
+        block = _block_columns(K) if self.block is None else self.block
+        # One scratch buffer for the K x block temporaries, written with out= / in place (fresh
+        # allocations of this size would page-fault on every block). The keep mask is float 0/1:
+        # torch's float compares and multiplies are several times faster than bool ones, and
+        # J * 1.0 / J * 0.0 are the values J * True / J * False give.
+        scratch = torch.empty(K * min(block, P), dtype=acc, device=J.device)
+        for start in range(0, P, block):
+            Jb = J[:, start:start + block].to(acc)
+            b = Jb.shape[1]
+            t = scratch[:K * b].view(K, b)  # contiguous for the tail block too
             s = Jb.sum(0)
-            a = Jb.abs().sum(0)
+            a = torch.abs(Jb, out=t).sum(0)
             purity = 0.5 * (1.0 + s / torch.where(a > 0, a, torch.ones_like(a)))
-            fP = self.f(purity)
-            U = draws[start:start + self.block]
-            keep = ((fP > U) & (Jb > 0)) | ((fP < U) & (Jb < 0))
-            if leak is None:
-                r = (Jb * keep).sum(0)
-            else:
-                r = ((leak + (1 - leak) * keep) * Jb).sum(0)
-            out[start:start + self.block] = r
+            # +1 keeps the positive entries (f(P) > U), -1 the negative ones (f(P) < U), 0 and NaN
+            # none: keep_i = J_i * c > 0 is exactly ((f(P) > U) & (J_i > 0)) | ((f(P) < U) & (J_i < 0)).
+            c = torch.sign(self.f(purity) - draws[start:start + b]).to(acc)
+            torch.mul(Jb, c, out=t).gt_(0)
+            if leak is not None:
+                t.mul_(one_minus_leak).add_(leak)
+            out[start:start + b] = torch.mul(Jb, t, out=t).sum(0)
         return out
 
     def state_dict(self) -> dict[str, Any]:
