@@ -21,7 +21,9 @@ segment ops their reads and writes (moments 1 pass, scale 2, OGM-GE edit 3, lerp
 K passes, segment_combine_ K + 1), an aggregator the two passes of "Gram, solve, combine"
 ((2K + 1) P values; GradDrop, elementwise, (K + 1) P); steps have none. "vs peer" = the peer's
 time / this row's time (> 1: faster than the peer); the peers are plain torch (ops), torchjd
-(aggregators) and the reference-style implementation (steps).
+(aggregators) and the reference-style implementation (steps). On CPU a row can pass 100 % of copy:
+the copy writes a fresh buffer (its lines are read before they are written, traffic the GB/s do not
+count), in-place ops do not, and small buffers stay in cache.
 
 Progress goes to stderr row by row (a run killed by a timeout still shows what it measured); the
 report goes to stdout and, with ``--out FILE``, is appended to FILE.
@@ -322,16 +324,18 @@ def bench_aggregators(bench: Bench, backends, P: int, Ks: list[int], methods: li
             if t_jd is not None:
                 speedups.setdefault(b, []).append((t_jd / t, f"{name} K={K}"))
 
+    current: dict[int, torch.Tensor] = {}  # the J of the K being timed, drawn by its first job that runs
+
+    def matrix(K):
+        if K not in current:
+            current.clear()  # frees the previous K's J first
+            current[K] = torch.randn(K, P, device=dev)
+        return current[K]
+
     for K in Ks:
-        J = {}  # drawn by the first job of this K that runs
-
-        def run(K=K, J=J, name=None):
-            if not J:
-                J["J"] = torch.randn(K, P, device=dev)
-            one(J["J"], name)
-
         for name in methods:
-            bench.job(f"aggregate {name} K={K}", lambda run=run, name=name: run(name=name))
+            bench.job(f"aggregate {name} K={K}", lambda K=K, name=name: one(matrix(K), name))
+    current.clear()
     if no_peer:
         bench.notes.append("No torchjd time for: " + ", ".join(no_peer) + ".")
     for b, ratios in speedups.items():
