@@ -8,16 +8,20 @@ import torch
 
 from .base import Aggregator, SeededMixin, check_matrix
 
-#: Elements of J (K x columns) processed per block by default: the block and its one scratch
-#: buffer stay in cache across the block's passes, so J is read from memory once.
+#: Elements of J (K x columns) per block by default on CPU: the block and its one scratch buffer
+#: stay in cache across the block's passes, so J is read from memory once.
 GRADDROP_BLOCK_ELEMS = 1 << 18
+#: Columns per block by default on other devices (where launches, not caches, set the size).
+GRADDROP_BLOCK = 1 << 15
 
 
-def _block_columns(K: int) -> int:
-    """Default columns per block: a power of two (at least 64) near GRADDROP_BLOCK_ELEMS / K.
-    torch's column sums round each column the same way for any block width that is a multiple of
-    its vector chunk, so every such width gives the same bits (the 32768 columns of earlier
-    versions included)."""
+def _block_columns(K: int, device: torch.device) -> int:
+    """Default columns per block. On CPU a power of two (at least 64) near GRADDROP_BLOCK_ELEMS / K:
+    torch's CPU column sums round each column the same way for any block width that is a
+    multiple of its vector chunk, so every such width gives the bits the earlier fixed 32768
+    columns gave (tests/test_philox_uniform.py checks it)."""
+    if device.type != "cpu":
+        return GRADDROP_BLOCK
     return 1 << max(6, (GRADDROP_BLOCK_ELEMS // K).bit_length() - 1)
 
 
@@ -35,7 +39,7 @@ class GradDrop(SeededMixin, Aggregator):
     comparisons). Difference: ``U`` comes from this object's seeded generator (state in
     ``state_dict``), not the global RNG. Elementwise, so there is no ``weights(G)``.
 
-    ``block``: columns per block (default: about 2**18 / K, a power of two).
+    ``block``: columns per block (default: on CPU about 2**18 / K, a power of two; else 32768).
     """
 
     name = "graddrop"
@@ -80,7 +84,7 @@ class GradDrop(SeededMixin, Aggregator):
                 lk = self.leak.to(device=J.device, dtype=acc).unsqueeze(1)
                 cached = self._leak_cache[key] = (lk, 1 - lk)
             leak, one_minus_leak = cached
-        block = _block_columns(K) if self.block is None else self.block
+        block = _block_columns(K, J.device) if self.block is None else self.block
         # One scratch buffer for the K x block temporaries, written with out= / in place (fresh
         # allocations of this size would page-fault on every block). The keep mask is float 0/1:
         # torch's float compares and multiplies are several times faster than bool ones, and
