@@ -251,3 +251,10 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert main(["compare", "--data", "mfeat:fou+kar+mor", "--methods", "joint", "inforeg", "--out", str(tmp_path)]) == 2
     assert "inforeg cannot run on mfeat:fou+kar+mor" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "report.md")
+
+
+def test_restore_settings_turns_denormal_flushing_back_off():
+    previous = setup_determinism(threads=1)
+    assert torch.tensor(1e-40).item() == 0.0  # flushed while the recipe runs
+    restore_settings(previous)
+    assert torch.tensor(1e-40).item() != 0.0  # other code (hypothesis, user code) gets IEEE floats back

@@ -500,6 +500,8 @@ def setup_determinism(threads: Optional[int] = 1) -> dict:
 
 
 def restore_settings(previous: dict) -> None:
-    """Undo :func:`setup_determinism` (thread count and deterministic mode)."""
+    """Undo :func:`setup_determinism` (thread count, deterministic mode, and denormal flushing,
+    back to torch's default: off; torch cannot report what it was)."""
+    torch.set_flush_denormal(False)
     torch.set_num_threads(previous["threads"])
     torch.use_deterministic_algorithms(previous["deterministic"], warn_only=previous["warn_only"])
