@@ -18,30 +18,11 @@ import triton.language as tl
 from mmgrad.reference import feature_drop_scale
 
 from .kernels import _tl_dtype, accumulation_dtype, cast_out
-from .segments import PHILOX_M0, PHILOX_M1, PHILOX_W0, PHILOX_W1
+from .segments import philox4x32
 
 BR = 16  # rows per program
 BC = 256  # columns per program
 NUM_WARPS = 4
-
-
-@triton.jit
-def _philox_r0(index, k0, k1):
-    """First output word of Philox4x32-10 on counters (lo32(index), hi32(index), 0, 0), key
-    (k0, k1), as mmgrad.reference.philox4x32."""
-    c0 = (index & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((index >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros(index.shape, dtype=tl.uint32)
-    c3 = tl.zeros(index.shape, dtype=tl.uint32)
-    for _r in tl.static_range(10):
-        hi0 = tl.umulhi(c0, PHILOX_M0)
-        lo0 = c0 * PHILOX_M0
-        hi1 = tl.umulhi(c2, PHILOX_M1)
-        lo1 = c2 * PHILOX_M1
-        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + PHILOX_W0  # the key bump after the last round is unused
-        k1 = k1 + PHILOX_W1
-    return c0
 
 
 @triton.jit
@@ -53,7 +34,7 @@ def _feature_drop_kernel(z, out, keep, drop_prob, scale, seed, counter, N, ldz, 
     sv = tl.load(seed)
     k0 = (sv & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    r0 = _philox_r0(tl.load(counter) + rows * M + m, k0, k1)
+    r0, _r1, _r2, _r3 = philox4x32(tl.load(counter) + rows * M + m, k0, k1)
     u = (r0 >> 8).to(tl.float64) * 5.9604644775390625e-08  # exact: 24 bits
     kp = u >= tl.load(drop_prob + m)
     tl.store(keep + rows * M + m, kp, mask=rmask & (cb == 0))

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .feature_drop import _philox_r0
 from .kernels import INTERPRET
+from .segments import philox4x32
 
 # Outputs per program. The interpreter pays per program, not per element: it gets big blocks.
 BLOCK = 1 << 16 if INTERPRET else 1024
@@ -34,7 +34,7 @@ def _philox_uniform_kernel(out, seed, counter, index, n, HAS_INDEX: tl.constexpr
         pos = tl.load(index + offs, mask=mask, other=0)
     else:
         pos = offs
-    r0 = _philox_r0(tl.load(counter) + pos, k0, k1)
+    r0, _r1, _r2, _r3 = philox4x32(tl.load(counter) + pos, k0, k1)
     u = (r0 >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24; exact, 24 bits
     tl.store(out + offs, u.to(out.dtype.element_ty), mask=mask)
 

@@ -137,14 +137,14 @@ def _box_muller(ru, rv, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _normal_block(q0, k0, k1, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
-    """philox_normal(seed, q0 + arange(BLOCK)) in float32, for q0 a multiple of 4. One Philox call
-    per block of 4 elements (counter = element index >> 2) gives all four of its normals."""
-    blk = (q0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
-    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
-    c1 = ((blk >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c2 = tl.zeros((BLOCK // 4,), dtype=tl.uint32)
-    c3 = tl.zeros((BLOCK // 4,), dtype=tl.uint32)
+def philox4x32(counter, k0, k1):
+    """Philox4x32-10 on the counters (lo32(counter), hi32(counter), 0, 0) of the int64 tensor
+    ``counter``, key (k0, k1) (uint32): the four output words, as mmgrad.reference.philox4x32.
+    The one Philox of the Triton kernels (noise, feature dropping, uniforms)."""
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = tl.zeros(counter.shape, dtype=tl.uint32)
+    c3 = tl.zeros(counter.shape, dtype=tl.uint32)
     for _r in tl.static_range(10):
         hi0 = tl.umulhi(c0, PHILOX_M0)
         lo0 = c0 * PHILOX_M0
@@ -153,6 +153,15 @@ def _normal_block(q0, k0, k1, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
         k0 = k0 + PHILOX_W0  # the key bump after the last round is unused
         k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _normal_block(q0, k0, k1, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+    """philox_normal(seed, q0 + arange(BLOCK)) in float32, for q0 a multiple of 4. One Philox call
+    per block of 4 elements (counter = element index >> 2) gives all four of its normals."""
+    blk = (q0 >> 2) + tl.arange(0, BLOCK // 4).to(tl.int64)
+    c0, c1, c2, c3 = philox4x32(blk, k0, k1)
     z0, z1 = _box_muller(c0, c1, PRECISE)
     z2, z3 = _box_muller(c2, c3, PRECISE)
     # join(join(z0, z2), join(z1, z3))[i, a, b] = z_{2a+b}[i]: row-major it is z0 z1 z2 z3.
