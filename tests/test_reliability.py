@@ -66,6 +66,26 @@ def test_fuzz_gram_and_combine(case, J):
     col_bad = ~torch.isfinite(J.double()).all(0) if J.shape[1] else torch.zeros(0, dtype=torch.bool)
     # A column with a non-finite entry may only be finite if its weight is exactly 0 there.
     assert torch.isfinite(out[~col_bad]).all()
+    # Into an existing buffer (garbage in it beforehand): the same values, NaN where the fresh has it.
+    into = ops.combine(J, w, out=torch.full_like(out, float("nan")), backend=backend)
+    torch.testing.assert_close(into, out, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+@FUZZ
+@given(seed=st.integers(0, 2**63 - 1), counter=st.integers(0, 2**62), n=st.integers(0, 3000),
+       indexed=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_fuzz_philox_uniform(case, seed, counter, n, indexed, dtype):
+    _, backend = case
+    g = torch.Generator().manual_seed(seed % 2**31)
+    index = torch.randint(0, 2**62, (n,), generator=g) if indexed else None
+    s, c = torch.tensor(seed), torch.tensor(counter)
+    u = ops.philox_uniform(s, c, n, index=index, dtype=dtype, backend=backend)
+    positions = c + (index if indexed else torch.arange(n))
+    expected = (reference.philox4x32(positions, s)[0] >> 8).to(torch.float64) * 2.0**-24
+    assert u.dtype == dtype and u.shape == (n,)
+    assert torch.equal(u.double(), expected)  # 24-bit values: exact in both dtypes, on every backend
+    assert ((u >= 0) & (u < 1)).all()
 
 
 @st.composite
