@@ -49,6 +49,21 @@ def backend_cases(op: str | None = None) -> list:
     return params
 
 
+def random_segments(N, sizes, gen, device, gap_max=40):
+    """(offsets, numels) on ``device`` of disjoint segments of the given sizes inside N elements, at
+    random (mostly unaligned) offsets with gaps of up to ``gap_max``, listed in shuffled order."""
+    offs, pos = [], 0
+    for n in sizes:
+        pos += int(torch.randint(0, gap_max + 1, (1,), generator=gen))
+        offs.append(pos)
+        pos += n
+    assert pos <= N
+    perm = torch.randperm(len(sizes), generator=gen)
+    offsets = torch.tensor(offs, dtype=torch.int64)[perm]
+    numels = torch.tensor(sizes, dtype=torch.int64)[perm]
+    return offsets.to(device), numels.to(device)
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test's id: each test draws its own reproducible inputs;

@@ -24,6 +24,7 @@ import torch
 
 from mmgrad import _extension, env, ops
 from mmgrad import reference as ref
+from conftest import random_segments
 
 
 def _cuda_backend_missing():
@@ -66,19 +67,9 @@ def misaligned_J(K, P, dtype, gen, shift=1, pad=3):
     return J
 
 
+
 def make_segments(N, sizes, gen, gap_max=40):
-    """Disjoint segments of the given sizes at random (mostly unaligned) offsets with gaps, listed
-    in shuffled order."""
-    offs, pos = [], 0
-    for n in sizes:
-        pos += int(torch.randint(0, gap_max + 1, (1,), generator=gen))
-        offs.append(pos)
-        pos += n
-    assert pos <= N
-    perm = torch.randperm(len(sizes), generator=gen)
-    offsets = torch.tensor(offs, dtype=torch.int64)[perm]
-    numels = torch.tensor(sizes, dtype=torch.int64)[perm]
-    return offsets.to(DEV), numels.to(DEV)
+    return random_segments(N, sizes, gen, DEV, gap_max)
 
 
 # Empty segments, sizes below and around the vector widths, and segments of 2 and 3 tiles (16384

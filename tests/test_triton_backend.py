@@ -36,6 +36,7 @@ if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
 from mmgrad import reference as ref  # noqa: E402
 import mmgrad.triton as mt  # noqa: E402
 from mmgrad.triton import kernels as mt_kernels  # noqa: E402
+from conftest import random_segments  # noqa: E402
 from mmgrad.triton import segments as mt_segments  # noqa: E402
 
 # The fp32 overflow / underflow cases make numpy (inside the interpreter) warn; that is expected.
@@ -164,18 +165,9 @@ def test_combine_strided_rows_and_edge_cases(dtype, gen):
 # --- segments ------------------------------------------------------------------------------------
 
 
+
 def make_segments(N, sizes, gen, gap_max=40):
-    """Disjoint segments of the given sizes, with random gaps between them, in shuffled order."""
-    offs, pos = [], 0
-    for n in sizes:
-        pos += int(torch.randint(0, gap_max + 1, (1,), generator=gen))
-        offs.append(pos)
-        pos += n
-    assert pos <= N
-    perm = torch.randperm(len(sizes), generator=gen)
-    offsets = torch.tensor(offs, dtype=torch.int64)[perm]
-    numels = torch.tensor(sizes, dtype=torch.int64)[perm]
-    return offsets.to(DEV), numels.to(DEV)
+    return random_segments(N, sizes, gen, DEV, gap_max)
 
 
 SIZES = [0, 1, 3, 17, 0, 1024, 1500, 20000, 5, 0]  # 20000 spans two 16384-element tiles
