@@ -436,3 +436,28 @@ def test_every_isa_variant_matches_reference(isa):
     env = dict(os.environ, MMGRAD_CPU_ISA=isa)
     proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_large_combine_outputs_reuse_freed_blocks_only():
+    """combine's large outputs come from a pool of freed blocks (no page faults on reuse); a block
+    goes back only when every tensor using it, views included, is gone."""
+    P = 3_000_000  # 12 MB of float32: above the pool's 8 MiB threshold
+    g = torch.Generator().manual_seed(0)
+    J = torch.randn(2, P, generator=g)
+    w1, w2 = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0])
+    a = ops().combine(J, w1)
+    ptr = a.data_ptr()
+    assert ptr % 64 == 0
+    b = ops().combine(J, w1)
+    assert b.data_ptr() != ptr and torch.equal(a, b)
+    view = a[10:]
+    kept = view.clone()
+    del a
+    c = ops().combine(J, w2)  # a's block is still held by `view`
+    assert c.data_ptr() != ptr and torch.equal(view, kept)
+    torch.testing.assert_close(c, 3.0 * J[0] - J[1], rtol=1e-6, atol=1e-5)
+    del view
+    d = ops().combine(J, w2)  # now a's block is free: reused, fully overwritten
+    assert d.data_ptr() == ptr and torch.equal(d, c)
+    small = ops().combine(J[:, :1000], w1)  # small outputs: the ordinary allocator
+    assert torch.equal(small, J[0, :1000] + 2.0 * J[1, :1000])

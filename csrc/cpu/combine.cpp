@@ -10,6 +10,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/matrix_common.h"
+#include "cpu/output_pool.h"
 
 #define MMG_KERNEL_FILE "cpu/combine_kernels.inc"
 #include "cpu/for_each_isa.h"
@@ -80,7 +81,7 @@ int check_combine(const at::Tensor& J, const at::Tensor& w, const char* op) {
 
 at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
   const int di = check_combine(J, w, "mmgrad_C::combine");
-  at::Tensor out = at::empty({J.size(1)}, J.options());
+  at::Tensor out = pooled_empty({J.size(1)}, J.options());
   combine_into(J, w, out, di);
   return out;
 }
