@@ -325,9 +325,9 @@ def test_seeded_mixin_draws_what_it_drew_before_the_op(dtype):
     assert torch.equal(b, previous(2**62 + 9, index + 1001))
     assert agg._counters["cpu"] is stream and stream.item() == 6001  # advanced in place
     # A shard of a draw gives the same numbers as the whole draw at its positions.
-    state = agg._gen_state()
+    state = agg.state_dict()
     whole = agg._uniform(5000, torch.device("cpu"), dtype)
-    agg._load_gen_state(state)
+    agg.load_state_dict(state)
     assert torch.equal(agg._uniform_at(index, 5000, dtype), whole[index])
 
 

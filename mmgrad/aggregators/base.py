@@ -180,11 +180,15 @@ class SeededMixin:
             counter = self._counters[name] = torch.zeros((), dtype=torch.int64, device=device)
         return counter, torch.full((), self.seed, dtype=torch.int64, device=device)
 
-    def _gen_state(self) -> dict:
-        return {k: c.clone() for k, c in self._counters.items()}
+    # The stream's counters are the aggregator's state ("generators"); subclasses with more state
+    # extend these through super().
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generators": {k: c.clone() for k, c in self._counters.items()}}
 
-    def _load_gen_state(self, states: dict) -> None:
-        self._counters = {k: v.clone().to(k) for k, v in states.items()}
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._counters = {k: v.clone().to(k) for k, v in state.get("generators", {}).items()}
 
-    def _reset_gen(self) -> None:
+    def reset(self) -> None:
+        super().reset()
         self._counters = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -105,13 +105,3 @@ class GradDrop(SeededMixin, Aggregator):
                 t.mul_(one_minus_leak).add_(leak)
             out[start:start + b] = torch.mul(Jb, t, out=t).sum(0)
         return out
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": self._gen_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._load_gen_state(state.get("generators", {}))
-
-    def reset(self) -> None:
-        self._reset_gen()

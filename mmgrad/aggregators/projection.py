@@ -112,16 +112,6 @@ class PCGrad(SeededMixin, Aggregator):
             w = w / K
         return w.to(G.dtype)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"generators": self._gen_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self._load_gen_state(state.get("generators", {}))
-
-    def reset(self) -> None:
-        self._reset_gen()
-
 
 class GradVac(SeededMixin, Aggregator):
     """Gradient Vaccine (Wang et al., ICLR 2021) as in torchjd 0.18 ``GradVacWeighting``
@@ -164,14 +154,13 @@ class GradVac(SeededMixin, Aggregator):
         return C.sum(0).to(G.dtype)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"phi_t": self.phi_t, "generators": self._gen_state()}
+        return {**super().state_dict(), "phi_t": self.phi_t}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         phi = state.get("phi_t")
         self.phi_t = None if phi is None else phi.clone()
-        self._load_gen_state(state.get("generators", {}))
 
     def reset(self) -> None:
+        super().reset()
         self.phi_t = None
-        self._reset_gen()
