@@ -207,10 +207,8 @@ def _moments_partial_kernel(x, tile_end, offsets, numels, part, S, nsteps, TILE:
 
 
 @triton.jit
-def _moments_reduce_kernel(part, tile_end, numels, out, S, TILE: tl.constexpr, BS: tl.constexpr,
-                           RP: tl.constexpr):
-    # Per segment, add its tiles' partials in a fixed order.
-    s = tl.program_id(0).to(tl.int64)
+def _segment_tiles(tile_end, numels, s, TILE: tl.constexpr, BS: tl.constexpr):
+    """Index of segment s's first tile among all segments' tiles, and its number of tiles."""
     n = tl.load(numels + s)
     nt = (tl.maximum(n, 0) + (TILE - 1)) // TILE
     if BS > 0:  # no tile_end array: recompute this segment's end
@@ -219,6 +217,15 @@ def _moments_reduce_kernel(part, tile_end, numels, out, S, TILE: tl.constexpr, B
         first = tl.sum(nts, axis=0) - nt
     else:
         first = tl.load(tile_end + s) - nt
+    return first, nt
+
+
+@triton.jit
+def _moments_reduce_kernel(part, tile_end, numels, out, S, TILE: tl.constexpr, BS: tl.constexpr,
+                           RP: tl.constexpr):
+    # Per segment, add its tiles' partials in a fixed order.
+    s = tl.program_id(0).to(tl.int64)
+    first, nt = _segment_tiles(tile_end, numels, s, TILE, BS)
     a1 = tl.zeros((RP,), dtype=out.dtype.element_ty)
     a2 = tl.zeros((RP,), dtype=out.dtype.element_ty)
     j0 = nt * 0
@@ -381,14 +388,7 @@ def _sgram_reduce_kernel(part, tile_end, numels, out, K, KP, TILE: tl.constexpr,
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     em = e < K * K
     src = tl.minimum(e // K, e % K) * KP + tl.maximum(e // K, e % K)
-    n = tl.load(numels + s)
-    nt = (tl.maximum(n, 0) + (TILE - 1)) // TILE
-    if BS > 0:  # no tile_end array: recompute this segment's end
-        idx = tl.arange(0, BS)
-        nts = (tl.maximum(tl.load(numels + idx, mask=idx <= s, other=0), 0) + (TILE - 1)) // TILE
-        first = tl.sum(nts, axis=0) - nt
-    else:
-        first = tl.load(tile_end + s) - nt
+    first, nt = _segment_tiles(tile_end, numels, s, TILE, BS)
     acc = tl.zeros((RP, BLOCK_E), dtype=out.dtype.element_ty)
     j0 = nt * 0
     while j0 < nt:
