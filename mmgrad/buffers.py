@@ -212,6 +212,7 @@ class FlatGradBuffer:
         gradients left outside the buffer, zero the segments no backward reached, and bind the
         active row. Call it before reading the rows (the optimizer does, at ``step()``)."""
         self.bind(self.active_row)
+        unbound = list(self._stale[self.active_row])  # .grad still None: no gradient reached them
         for r, stale in enumerate(self._stale):
             if stale:
                 row = self.data[r]
@@ -219,7 +220,9 @@ class FlatGradBuffer:
                     start = self.segments.host_offsets[i]
                     row[start : start + self.segments.host_numels[i]].zero_()
                 stale.clear()
-        self.bind(self.active_row)
+        views = self.views(self.active_row)
+        for i in unbound:
+            self.params[i].grad = views[i]
 
     def _owns(self, t: torch.Tensor) -> bool:
         return local_tensor(t).untyped_storage().data_ptr() == self.data.untyped_storage().data_ptr()
