@@ -10,7 +10,7 @@ from torch import nn
 
 from mmgrad import distributed as _dist
 from mmgrad.buffers import FlatGradBuffer
-from mmgrad.methods.base import BalancingMethod, ModalityLayout, StepContext
+from mmgrad.methods.base import BalancingMethod, ModalityLayout, StepContext, params_of
 
 __all__ = ["BalancedOptimizer", "NonFiniteGradientError"]
 
@@ -19,14 +19,6 @@ ParamSource = Union[nn.Module, Iterable[torch.nn.Parameter], torch.nn.Parameter]
 
 class NonFiniteGradientError(FloatingPointError):
     """Raised by ``step()`` under ``nonfinite="raise"`` when a gradient holds inf or NaN."""
-
-
-def _params_of(source: ParamSource) -> list[torch.nn.Parameter]:
-    if isinstance(source, nn.Module):
-        return [p for p in source.parameters() if p.requires_grad]
-    if isinstance(source, torch.Tensor):
-        return [source]
-    return [p for p in source]
 
 
 def _outside_graph(fn: Callable) -> Callable:
@@ -143,7 +135,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         seen: dict[int, str] = {}
         start = 0
         for m_index, (name, source) in enumerate(modalities.items()):
-            ps = _params_of(source)
+            ps = params_of(source)
             if not ps:
                 raise ValueError(f"modality {name!r} has no trainable parameters")
             named = dict()

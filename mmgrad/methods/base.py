@@ -179,6 +179,16 @@ class StepContext:
     reduce_stats: Callable = field(default=lambda *t: t[0] if len(t) == 1 else t)
 
 
+def params_of(source) -> list[torch.Tensor]:
+    """The parameters a modality declares: a module's that require grad, a single tensor, or the
+    tensors of an iterable (what :class:`~mmgrad.BalancedOptimizer` takes per modality)."""
+    if isinstance(source, torch.nn.Module):
+        return [p for p in source.parameters() if p.requires_grad]
+    if isinstance(source, torch.Tensor):
+        return [source]
+    return list(source)
+
+
 def modality_names(modalities, at_least: int = 1, method: str = "this method") -> list[str]:
     """The modality names of a declaration: a :class:`~mmgrad.BalancedOptimizer` (its
     :attr:`~mmgrad.BalancedOptimizer.modalities`), a mapping ``{name: module or parameters}`` or a

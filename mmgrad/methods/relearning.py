@@ -23,11 +23,11 @@ import math
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
-from torch import nn
 
 from mmgrad import ops
 from mmgrad.buffers import SegmentTable
 from mmgrad.distributed import local_tensor
+from mmgrad.methods.base import params_of
 
 __all__ = ["clustering_purity", "minmax_scale", "Relearning", "declared_parameters"]
 
@@ -43,14 +43,7 @@ def declared_parameters(modalities) -> dict[str, list[torch.Tensor]]:
     if isinstance(modalities, BalancedOptimizer):
         declared = modalities.modalities
     elif isinstance(modalities, Mapping):
-        declared = {}
-        for name, source in modalities.items():
-            if isinstance(source, nn.Module):
-                declared[name] = [p for p in source.parameters() if p.requires_grad]
-            elif isinstance(source, torch.Tensor):
-                declared[name] = [source]
-            else:
-                declared[name] = list(source)
+        declared = {name: params_of(source) for name, source in modalities.items()}
     else:
         raise TypeError(
             "modalities must be a BalancedOptimizer or a mapping {name: nn.Module or parameters}, "
