@@ -378,6 +378,20 @@ def test_api_names_and_errors():
         repr(agg)
 
 
+
+@pytest.mark.parametrize("name", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_constant_weights_skip_the_gram(name, dtype, monkeypatch, gen):
+    """Mean and Sum read J once: no Gram pass, and the bits of combine(J, weights(gram(J)))."""
+    J = torch.randn(5, 1001, generator=gen).to(dtype)
+    expected = ops.combine(J, A.get(name).weights(ops.gram(J)))
+
+    def no_gram(J):
+        raise AssertionError("gram called")
+
+    monkeypatch.setattr(ops, "gram", no_gram)
+    out = A.aggregate(J, name)
+    assert out.dtype == dtype and torch.equal(out, expected)
 def test_jacobi_eigh():
     g = torch.Generator().manual_seed(0)
     for K in (1, 2, 3, 5, 8, 17, 64):
