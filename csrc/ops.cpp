@@ -22,6 +22,11 @@ TORCH_LIBRARY(mmgrad_C, m) {
   m.def(
       "philox_uniform(Tensor seed, Tensor counter, int n, Tensor? index, ScalarType dtype) -> "
       "Tensor");
+  m.def("pcgrad_coefficients(Tensor G, Tensor order) -> Tensor");
+  m.def(
+      "gradvac_coefficients(Tensor G, Tensor order, Tensor phi_t, float beta, float eps) -> "
+      "(Tensor, Tensor)");
+  m.def("nash_newton(Tensor G, Tensor alpha0, int iters) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

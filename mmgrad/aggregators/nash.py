@@ -6,6 +6,8 @@ from typing import Any, Optional
 
 import torch
 
+from mmgrad import ops
+
 from ._linalg import solve
 from .base import Aggregator, check_gram, to_solve
 
@@ -14,7 +16,7 @@ from .base import Aggregator, check_gram, to_solve
 NASH_RIDGE = 1e-8
 
 
-def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
+def nash_newton_torch(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
     """Solve ``G a = 1 / a`` (``a > 0``): the minimiser of ``F(a) = a^T G a / 2 - sum log a``.
 
     F is self-concordant, so damped Newton (step ``1 / (1 + lambda)`` with ``lambda`` the Newton
@@ -31,6 +33,22 @@ def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tens
         step = torch.where(lam < 0.25, one, 1.0 / (1.0 + lam))
         a = (a + step * delta).clamp(min=1e-30)
     return a
+
+
+@torch.library.custom_op("mmgrad::nash_newton", mutates_args=())
+def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
+    """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ extension built
+    (``ops.resolve_backend`` says ``"cpp"``) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,
+    and the loop stops early once an iteration leaves ``a`` unchanged bit for bit)."""
+    if G.dtype == torch.float64 and ops.resolve_backend(G.device) == "cpp":
+        return torch.ops.mmgrad_C.nash_newton(G, alpha0, iters)
+    a = nash_newton_torch(G, alpha0, iters)
+    return a.clone() if a is alpha0 else a  # iters == 0: a custom op's output may not alias its input
+
+
+@nash_newton.register_fake
+def _(G, alpha0, iters):
+    return alpha0.new_empty(alpha0.shape)
 
 
 class NashMTL(Aggregator):

@@ -4,8 +4,14 @@ Each modified gradient is kept as a row of a K x K coefficient matrix ``C`` (``g
 every dot product is Gram algebra: ``g_i' . g_j = (C G)_ij`` and ``|g_i'|^2 = C_i G C_i^T``. The K
 modified gradients are independent of each other, so the K sequential inner loops of the original
 algorithms run side by side: step ``t`` treats pair ``(i, order[i, t])`` for every ``i`` at once
-(K steps of a few K-vector ops). The visiting orders are drawn from a seeded ``torch.Generator`` on
-``G``'s device (``rand(K, K).argsort(1)``), never the global RNG, and never on the host.
+(K steps of a few K-vector ops). The visiting orders are drawn from the aggregator's own seeded
+stream (:class:`SeededMixin`) on ``G``'s device (``rand(K, K).argsort(1)``), never the global RNG,
+and never on the host.
+
+On CPU tensors with the C++ extension built (``ops.resolve_backend`` says ``"cpp"``) the coefficient
+loops run in C++ (``csrc/cpu/projection.cpp``: each row's K steps in turn, same arithmetic); elsewhere
+the torch solvers below (``*_torch``) run. Both are wrapped in one custom op per method, so
+``torch.compile`` sees a single opaque call either way.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+
+from mmgrad import ops
 
 from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve
 
@@ -23,7 +31,7 @@ def _orders(K: int, uniform) -> torch.Tensor:
     return uniform(K * K).view(K, K).argsort(dim=1)
 
 
-def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def pcgrad_coefficients_torch(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """PCGrad (Yu et al. 2020, Algorithm 1) in coefficient space; returns ``C`` (K, K).
 
     For each ``i`` and ``j = order[i, t]`` (``j != i``): if ``g_i' . g_j < 0`` then
@@ -44,8 +52,8 @@ def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return C
 
 
-def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gradvac_coefficients_torch(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GradVac (Wang et al. 2021) in coefficient space, as torchjd 0.18 ``GradVacWeighting``.
 
     For each ``i`` and ``j = order[i, t] != i``: ``phi = cos(g_i', g_j)``; if ``phi < phi_t[i, j]``
@@ -76,6 +84,38 @@ def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tens
         cG = cG + w.unsqueeze(1) * G[j]
         phi_t = phi_t.index_put((ar, j), torch.where(valid, (1 - beta) * hat + beta * phi, hat))
     return C, phi_t
+
+
+def _use_cpp(G: torch.Tensor) -> bool:
+    """The C++ loops serve float64 CPU matrices (``to_solve``'s output) when the policy picks C++."""
+    return G.dtype == torch.float64 and ops.resolve_backend(G.device) == "cpp"
+
+
+@torch.library.custom_op("mmgrad::pcgrad_coefficients", mutates_args=())
+def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """:func:`pcgrad_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
+    if _use_cpp(G):
+        return torch.ops.mmgrad_C.pcgrad_coefficients(G, order)
+    return pcgrad_coefficients_torch(G, order)
+
+
+@pcgrad_coefficients.register_fake
+def _(G, order):
+    return G.new_empty(G.shape)
+
+
+@torch.library.custom_op("mmgrad::gradvac_coefficients", mutates_args=())
+def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`gradvac_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
+    if _use_cpp(G):
+        return torch.ops.mmgrad_C.gradvac_coefficients(G, order, phi_t, beta, eps)
+    return gradvac_coefficients_torch(G, order, phi_t, beta, eps)
+
+
+@gradvac_coefficients.register_fake
+def _(G, order, phi_t, beta, eps):
+    return G.new_empty(G.shape), phi_t.new_empty(phi_t.shape)
 
 
 class PCGrad(SeededMixin, Aggregator):
