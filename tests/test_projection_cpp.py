@@ -30,6 +30,13 @@ if _cpp_missing is not None and REQUIRE_CPP:
 pytestmark = pytest.mark.skipif(_cpp_missing is not None, reason=f"no C++ backend: {_cpp_missing}")
 
 
+@pytest.fixture(autouse=True)
+def _auto_policy(monkeypatch):
+    """The auto policy (C++ on CPU tensors) even where the suite runs under a forced MMGRAD_BACKEND:
+    otherwise the comparisons below would compare the torch solvers with themselves."""
+    monkeypatch.delenv("MMGRAD_BACKEND", raising=False)
+
+
 def _gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:
     """A float64 K x K Gram matrix of K random rows of the given kind, times ``scale``."""
     P = 4 * K + 3
