@@ -94,6 +94,11 @@ class FlatGradBuffer:
     parameter a fresh gradient, which a post-accumulate hook copies into the row (one read and
     one write, instead of zeroing the row and accumulating into it: a write, two reads and a
     write). :meth:`materialize` zeroes what no backward reached before the rows are read.
+
+    On CPU the copied-from gradients are kept until :meth:`release_retired` (the optimizer calls
+    it after its step): freed one by one during the backward, glibc hands their memory back to the
+    system and the next backward page-faults it in again (27K faults, ~20 ms per step for two
+    ResNet-18 encoders), whereas plain training keeps its gradients alive until ``zero_grad``.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], rows: int = 1, names: Optional[Sequence[str]] = None):
@@ -135,6 +140,9 @@ class FlatGradBuffer:
         self._received: set[int] = set()
         # Per row, the parameters whose segment holds leftovers of an earlier step (lazy zeroing).
         self._stale: list[set[int]] = [set() for _ in range(rows)]
+        # CPU: gradients copied into the rows this step, freed together by release_retired().
+        self._retire = self.device.type == "cpu"
+        self._retired: list[torch.Tensor] = []
         self._hooks = [
             p.register_post_accumulate_grad_hook(self._on_accumulated(i)) for i, p in enumerate(self.params)
         ]
@@ -166,6 +174,8 @@ class FlatGradBuffer:
                 g = param.grad
                 if g is not None and g is not view:
                     local_tensor(view).copy_(local_tensor(g))
+                    if self._retire:
+                        self._retired.append(g)
                     param.grad = view
                     stale.discard(index)
 
@@ -253,7 +263,13 @@ class FlatGradBuffer:
                 if p.grad is not None and self._owns(p.grad):
                     p.grad = None
         self._received.clear()
+        self._retired.clear()
         self.bind(self.active_row)
+
+    def release_retired(self) -> None:
+        """Free the gradients the hooks copied into the rows since the last call (CPU only keeps
+        them; see the class docstring)."""
+        self._retired.clear()
 
     def params_without_grad(self) -> list[int]:
         """Indices of the parameters no backward pass reached since the last :meth:`zero_`."""
@@ -269,6 +285,7 @@ class FlatGradBuffer:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._retired.clear()
         for p in self.params:
             if p.grad is not None:
                 p.grad = p.grad.clone()

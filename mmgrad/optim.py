@@ -283,6 +283,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if self.method.result_row != buffer.active_row:
             buffer.bind(self.method.result_row)
         self._inner_step(finite)
+        buffer.release_retired()  # after the step, as plain training frees its gradients late
         if sync is not None:
             sync.after_step(self)
             self._synced = None

@@ -161,3 +161,32 @@ def test_segment_table_validation_and_tiling():
     tiled = t.tile_rows(3, 10)
     assert tiled.host_offsets == [0, 4, 9, 10, 14, 19, 20, 24, 29]
     assert len(t.select([2])) == 1 and t.select([2]).host_offsets == [9]
+
+
+def test_cpu_copied_gradients_are_freed_after_the_optimizer_step():
+    """The gradients the hooks copy into the rows stay alive until the step (as plain training's
+    do; freeing them mid-backward makes glibc return the memory and page-fault it back)."""
+    import weakref
+
+    import mmgrad
+
+    torch.manual_seed(0)
+    model = two_branch_model()
+    opt = mmgrad.BalancedOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), modalities={"a": model["a"], "b": model["b"]}, method=mmgrad.OGM(alpha=0.5, params="all")
+    )
+    buffer = opt._buffer
+    seen = []
+    for p in buffer.params:  # runs before the copy: the tensor autograd hands the parameter
+        p.register_hook(lambda g: seen.append(weakref.ref(g)) or g)
+    opt.zero_grad()
+    out_a, out_b = model["a"](torch.randn(4, 5)), model["b"](torch.randn(4, 4))
+    targets = torch.zeros(4, dtype=torch.long)
+    opt.backward(out_a.pow(2).sum() + out_b.pow(2).sum(), logits={"a": out_a, "b": out_b}, targets=targets)
+    assert len(seen) == len(buffer.params)
+    assert len(buffer._retired) == len(buffer.params)
+    assert all(p.grad.untyped_storage().data_ptr() == buffer.data.untyped_storage().data_ptr() for p in buffer.params)
+    opt.step()
+    assert buffer._retired == []
+    del out_a, out_b
+    assert all(ref() is None for ref in seen)
