@@ -27,6 +27,7 @@ TORCH_LIBRARY(mmgrad_C, m) {
       "gradvac_coefficients(Tensor G, Tensor order, Tensor phi_t, float beta, float eps) -> "
       "(Tensor, Tensor)");
   m.def("nash_newton(Tensor G, Tensor alpha0, int iters) -> Tensor");
+  m.def("graddrop(Tensor J, Tensor seed, Tensor counter, Tensor? leak, Tensor? index) -> Tensor");
 }
 
 extern "C" PyObject* PyInit__C(void) {

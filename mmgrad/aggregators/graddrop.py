@@ -6,6 +6,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mmgrad import ops
+
 from .base import Aggregator, SeededMixin, check_matrix
 
 #: Elements of J (K x columns) per block by default on CPU: the block and its one scratch buffer
@@ -29,6 +31,29 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+#: J dtypes the fused C++ kernel reads.
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@torch.library.custom_op("mmgrad::graddrop", mutates_args=(), device_types="cpu")
+def graddrop_fused(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
+                   leak: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
+    """GradDrop with ``f = identity`` in one pass over a CPU ``J`` (``csrc/cpu/graddrop.cpp``): the
+    uniforms are those of ``ops.philox_uniform(seed, counter, ...)`` at the columns (at
+    ``index`` for a shard), computed inline; ``leak`` is (K,) in J's accumulation dtype. The
+    caller advances ``counter``. Every column sum adds its rows in the order of torch's CPU column
+    sum, so the result is the torch path's except in the columns torch's own sum orders
+    differently (the last < 64 columns of a block, or of a thread's share of one): there the sums
+    may differ by rounding, and a keep decision with them only where purity and U agree to
+    rounding."""
+    return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
+
+
+@graddrop_fused.register_fake
+def _(J, seed, counter, leak, index):
+    return J.new_empty(J.shape[1])
+
+
 class GradDrop(SeededMixin, Aggregator):
     """GradDrop as in torchjd 0.18 ``GradDrop(f=identity, leak=None)`` (lines 10-15 of Algorithm 1).
 
@@ -39,7 +64,12 @@ class GradDrop(SeededMixin, Aggregator):
     comparisons). Difference: ``U`` comes from this object's seeded generator (state in
     ``state_dict``), not the global RNG. Elementwise, so there is no ``weights(G)``.
 
-    ``block``: columns per block (default: on CPU about 2**18 / K, a power of two; else 32768).
+    On CPU with the C++ backend and the default ``f``, one fused kernel computes all of it in one
+    pass over J (:func:`graddrop_fused`); other ``f``, other devices and ``MMGRAD_BACKEND=reference``
+    run the torch block loop.
+
+    ``block``: columns per block of the torch loop (default: on CPU about 2**18 / K, a power of
+    two; else 32768).
     """
 
     name = "graddrop"
@@ -63,27 +93,29 @@ class GradDrop(SeededMixin, Aggregator):
 
     def __call__(self, J: torch.Tensor, columns: Optional[torch.Tensor] = None, total: Optional[int] = None) -> torch.Tensor:
         """``columns`` / ``total``: ``J`` holds the columns ``columns`` (int64, (P,)) of a (K, total)
-        matrix (a shard of it): the random draws are those of the whole matrix at these columns."""
+        matrix (a shard of it): the random draws are those of the whole matrix at these columns.
+
+        With the default ``f`` on a CPU ``J`` and the C++ backend, one fused
+        kernel (:func:`graddrop_fused`) reads J once and computes the draws inline; otherwise the
+        torch block loop below runs."""
         check_matrix(J)
         K, P = J.shape
-        out = torch.empty(P, dtype=J.dtype, device=J.device)
         acc = torch.float64 if J.dtype == torch.float64 else torch.float32
+        leak = self._leak_for(K, J.device, acc)
+        if (self.f is _identity and J.device.type == "cpu" and J.dtype in _FUSED_DTYPES
+                and ops.resolve_backend(J.device) == "cpp"):
+            counter, key = self._stream(J.device)
+            out = graddrop_fused(J, key, counter, None if leak is None else leak[0],
+                                 None if columns is None else columns.to(J.device))
+            counter.add_(P if columns is None or total is None else int(total))
+            return out
+        out = torch.empty(P, dtype=J.dtype, device=J.device)
         if columns is not None:  # drawn (and the stream advanced) even for an empty shard
             draws = self._uniform_at(columns.to(J.device), P if total is None else total, acc)
         else:  # all P draws up front, in one fused op
             draws = self._uniform(P, J.device, acc)
         if P == 0:
             return out
-        leak = None
-        if self.leak is not None:
-            if self.leak.shape[0] != K:
-                raise ValueError(f"leak has {self.leak.shape[0]} entries but J has {K} rows")
-            key = (J.device, acc)
-            cached = self._leak_cache.get(key)
-            if cached is None:
-                lk = self.leak.to(device=J.device, dtype=acc).unsqueeze(1)
-                cached = self._leak_cache[key] = (lk, 1 - lk)
-            leak, one_minus_leak = cached
         block = _block_columns(K, J.device) if self.block is None else self.block
         # One scratch buffer for the K x block temporaries, written with out= / in place (fresh
         # allocations of this size would page-fault on every block). The keep mask is float 0/1:
@@ -102,6 +134,22 @@ class GradDrop(SeededMixin, Aggregator):
             c = torch.sign(self.f(purity) - draws[start:start + b]).to(acc)
             torch.mul(Jb, c, out=t).gt_(0)
             if leak is not None:
-                t.mul_(one_minus_leak).add_(leak)
+                _, leak_column, one_minus_leak = leak
+                t.mul_(one_minus_leak).add_(leak_column)
             out[start:start + b] = torch.mul(Jb, t, out=t).sum(0)
         return out
+
+    def _leak_for(self, K: int, device: torch.device, acc: torch.dtype):
+        """None without leak, else ``leak`` on ``device`` in ``acc`` as (K,), and as a (K, 1) column
+        with its ``1 - leak`` (one host-to-device copy per device, at the first call)."""
+        if self.leak is None:
+            return None
+        if self.leak.shape[0] != K:
+            raise ValueError(f"leak has {self.leak.shape[0]} entries but J has {K} rows")
+        key = (device, acc)
+        cached = self._leak_cache.get(key)
+        if cached is None:
+            lk = self.leak.to(device=device, dtype=acc)
+            column = lk.unsqueeze(1)
+            cached = self._leak_cache[key] = (lk, column, 1 - column)
+        return cached
