@@ -27,6 +27,13 @@ TORCH_LIBRARY(mmgrad_C, m) {
       "gradvac_coefficients(Tensor G, Tensor order, Tensor phi_t, float beta, float eps) -> "
       "(Tensor, Tensor)");
   m.def("nash_newton(Tensor G, Tensor alpha0, int iters) -> Tensor");
+  m.def(
+      "project_dual_cone(Tensor G, Tensor U, int iters, float ridge, float tol, int backup) -> "
+      "Tensor");
+  m.def("min_norm_simplex(Tensor G, int iters, float ridge, float tol, int backup) -> Tensor");
+  m.def(
+      "cagrad_dual(Tensor G, Tensor b, Tensor s, int iters, float ridge, float tol, int backup, "
+      "float kappa_max) -> Tensor");
   m.def("graddrop(Tensor J, Tensor seed, Tensor counter, Tensor? leak, Tensor? index) -> Tensor");
 }
 

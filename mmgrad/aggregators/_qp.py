@@ -11,11 +11,18 @@ exit (a branch on a tensor would synchronise); the last feasible iterate is retu
 ``G`` must already be normalised (trace 1) and regularised by the caller; ``ridge`` is a tiny
 diagonal added to the face systems only so that singular faces (duplicate rows, zero rows) stay
 solvable; it moves the solution by O(ridge).
+
+:func:`project_dual_cone` and :func:`min_norm_simplex` are ``torch.library`` custom ops: float64
+CPU tensors go to the C++ kernels of ``csrc/cpu/qp.cpp`` when the C++ backend serves the CPU (same
+iteration, but it factors only the free block and stops once an iteration exchanges nothing, which
+a CPU can do without a sync); every other case runs the torch solvers ``*_torch`` below.
 """
 
 from __future__ import annotations
 
 import torch
+
+from mmgrad import ops
 
 from ._linalg import solve
 
@@ -64,8 +71,36 @@ def _exchange(infeasible: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     return mask, (torch.minimum(n, best), tries)
 
 
+def use_cpp_solver(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ solvers serve these tensors: float64 on the CPU, C++ backend selected."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
+            and ops.resolve_backend(tensors[0].device) == "cpp")
+
+
 def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int | None = None,
                       ridge: float = RIDGE, tol: float = TOL) -> torch.Tensor:
+    """:func:`project_dual_cone_torch`, through the custom op that runs the C++ kernel on float64
+    CPU tensors."""
+    if iters is None:
+        iters = default_iters(G.shape[0])
+    return _project_dual_cone_op(G, U, iters, ridge, tol)
+
+
+@torch.library.custom_op("mmgrad::project_dual_cone", mutates_args=())
+def _project_dual_cone_op(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: float,
+                          tol: float) -> torch.Tensor:
+    if use_cpp_solver(G, U):
+        return torch.ops.mmgrad_C.project_dual_cone(G, U, iters, ridge, tol, BACKUP)
+    return project_dual_cone_torch(G, U, iters, ridge, tol)
+
+
+@_project_dual_cone_op.register_fake
+def _(G, U, iters, ridge, tol):
+    return U.new_empty(U.shape)
+
+
+def project_dual_cone_torch(G: torch.Tensor, U: torch.Tensor, iters: int | None = None,
+                            ridge: float = RIDGE, tol: float = TOL) -> torch.Tensor:
     """Weights of the projection of ``J^T u`` onto the dual cone of the rows of ``J``.
 
     Solves, for every row ``u`` of ``U`` (B, K), ``min_v v^T G v  s.t.  v >= u`` (Proposition 1 of
@@ -109,6 +144,27 @@ def dual_cone_k2(G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
 
 def min_norm_simplex(G: torch.Tensor, iters: int | None = None, ridge: float = RIDGE,
                      tol: float = TOL) -> torch.Tensor:
+    """:func:`min_norm_simplex_torch`, through the custom op that runs the C++ kernel on a float64
+    CPU ``G``."""
+    if iters is None:
+        iters = default_iters(G.shape[0])
+    return _min_norm_simplex_op(G, iters, ridge, tol)
+
+
+@torch.library.custom_op("mmgrad::min_norm_simplex", mutates_args=())
+def _min_norm_simplex_op(G: torch.Tensor, iters: int, ridge: float, tol: float) -> torch.Tensor:
+    if use_cpp_solver(G):
+        return torch.ops.mmgrad_C.min_norm_simplex(G, iters, ridge, tol, BACKUP)
+    return min_norm_simplex_torch(G, iters, ridge, tol)
+
+
+@_min_norm_simplex_op.register_fake
+def _(G, iters, ridge, tol):
+    return G.new_empty(G.shape[:1])
+
+
+def min_norm_simplex_torch(G: torch.Tensor, iters: int | None = None, ridge: float = RIDGE,
+                           tol: float = TOL) -> torch.Tensor:
     """``argmin_{a in simplex} a^T G a`` (MGDA's min-norm element of the convex hull).
 
     KKT: ``G a - nu 1 - mu = 0``, ``mu >= 0``, ``a >= 0``, ``mu a = 0``, ``sum a = 1``. On a face

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import solve
-from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
+from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters, use_cpp_solver
 from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
 
 #: Cap of the default budget ``min(CAGRAD_ITERS, K + 2)`` of :func:`cagrad_dual` iterations (each
@@ -18,6 +18,29 @@ _KAPPA_MAX = 1e8
 
 def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int | None = None,
                 ridge: float = RIDGE, tol: float = TOL) -> torch.Tensor:
+    """:func:`cagrad_dual_torch`, through the custom op that runs the C++ kernel of
+    ``csrc/cpu/qp.cpp`` on float64 CPU tensors (same iteration on the free block only, stopping
+    once an iteration exchanges nothing)."""
+    if iters is None:
+        iters = default_iters(G.shape[0], CAGRAD_ITERS)
+    return _cagrad_dual_op(G, b, s, iters, ridge, tol)
+
+
+@torch.library.custom_op("mmgrad::cagrad_dual", mutates_args=())
+def _cagrad_dual_op(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int, ridge: float,
+                    tol: float) -> torch.Tensor:
+    if use_cpp_solver(G, b, s):
+        return torch.ops.mmgrad_C.cagrad_dual(G, b, s, iters, ridge, tol, BACKUP, _KAPPA_MAX)
+    return cagrad_dual_torch(G, b, s, iters, ridge, tol)
+
+
+@_cagrad_dual_op.register_fake
+def _(G, b, s, iters, ridge, tol):
+    return b.new_empty(G.shape[:1])
+
+
+def cagrad_dual_torch(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int | None = None,
+                      ridge: float = RIDGE, tol: float = TOL) -> torch.Tensor:
     """``argmin_{w in simplex} b^T w + s sqrt(w^T G w)`` (the CAGrad dual, ``b = G u``,
     ``s = c |g_0|``), by an active-set method whose face problems have a closed form.
 
@@ -70,8 +93,8 @@ class CAGrad(_PrefMixin, Aggregator):
     (official code's ``rescale=1``; torchjd does not rescale either). ``c`` defaults to 0.5
     (LibMTL / nash-mtl; torchjd has no default, the official NYUv2 run uses 0.4).
 
-    Solver: :func:`cagrad_dual` in torch (fixed ``iters``, default ``min(20, K + 2)``) where torchjd calls cvxpy +
-    Clarabel on the CPU. Norms are computed on the trace-normalised ``G`` (as torchjd, which
+    Solver: :func:`cagrad_dual` (budget ``iters``, default ``min(20, K + 2)``; in torch on GPUs,
+    in C++ on the CPU) where torchjd calls cvxpy + Clarabel on the CPU. Norms are computed on the trace-normalised ``G`` (as torchjd, which
     normalises by the trace too), but the normalisation itself has no threshold here (torchjd
     zeroes ``G`` when its trace is below ``norm_eps`` and then returns zero weights).
     """

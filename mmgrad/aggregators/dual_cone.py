@@ -40,10 +40,11 @@ class UPGrad(_DualConeBase):
 
     Weights ``sum_i v_i`` where ``v_i = argmin_v v^T G v s.t. v >= pref_i e_i`` (torchjd 0.18
     ``UPGradWeighting`` conventions: ``pref_vector`` default 1/K, ``G`` divided by its trace, then
-    ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved together, in torch, by the
-    pivoting active-set method :func:`mmgrad.aggregators._qp.project_dual_cone` with ``iters``
-    (default 20) batched K x K solves; K = 2 has a closed form. torchjd solves them one by one with
-    quadprog on the CPU in numpy.
+    ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved by the pivoting active-set
+    method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` (default
+    ``min(20, K + 2)``) iterations: together, as batched K x K solves, in torch on GPUs; one by one
+    on their free blocks, stopping at the fixed point, in C++ on the CPU. K = 2 has a closed form.
+    torchjd solves them one by one with quadprog on the CPU in numpy.
 
     Deliberate difference: ``norm_eps`` defaults to 0 (torchjd: 1e-4). torchjd replaces ``G`` by
     zero when ``trace(G) < 1e-4``, which makes UPGrad return the plain mean (possibly conflicting)

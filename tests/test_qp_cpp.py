@@ -1,0 +1,281 @@
+"""The C++ CPU active-set solvers (csrc/cpu/qp.cpp) against the torch solvers they replace on CPU
+tensors: the dual-cone projection (UPGrad, DualProj), the min-norm point of the simplex (MGDA) and
+the CAGrad dual.
+
+Both sides run the same iteration with the same budget; the C++ side factors only the free block
+(Cholesky for an exactly symmetric G, LU, as the torch solve, for the rest and for faces that are
+indefinite by rounding) and stops at a fixed point, so results agree to rounding: 1e-10 relative
+where the face systems are well conditioned, and condition number x machine epsilon where they are
+singular up to the 1e-12 ridge (see ``_tol``).
+"""
+
+import statistics
+import time
+
+import pytest
+import torch
+
+import mmgrad
+from mmgrad import ops
+from mmgrad.aggregators import _qp, cagrad, dual_cone, minnorm
+
+from conftest import REQUIRE_CPP
+
+F64 = torch.float64
+SIZES = (1, 2, 3, 8, 16, 64)
+KINDS = ("full", "low_rank", "zero_rows", "duplicates", "near_parallel", "float32_gram")
+SCALES = (1e-10, 1.0, 1e10)
+CASES = [(K, kind, s) for K in SIZES for kind in KINDS for s in SCALES]
+CASE_IDS = [f"K{K}-{kind}-{s:g}" for K, kind, s in CASES]
+
+_cpp_missing = ops.available_backends("cpu")["cpp"]
+if _cpp_missing is not None and REQUIRE_CPP:
+    raise RuntimeError(f"MMGRAD_REQUIRE_CPP=1 but the C++ backend is unavailable: {_cpp_missing}")
+pytestmark = pytest.mark.skipif(_cpp_missing is not None, reason=f"no C++ backend: {_cpp_missing}")
+
+C = torch.ops.mmgrad_C if _cpp_missing is None else None
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The torch solvers' many tiny ops each wake the intra-op pool; on a loaded machine waiting
+    for a descheduled worker made single calls take seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """A float64 K x K Gram matrix of K random rows of the given kind, times ``scale``."""
+    P = 4 * K + 3
+    rank = max(1, K // 3) if kind == "low_rank" else K
+    J = torch.randn(K, rank, generator=gen, dtype=F64) @ torch.randn(rank, P, generator=gen, dtype=F64)
+    if kind == "zero_rows":
+        J[::3] = 0
+    elif kind == "duplicates" and K > 1:
+        J[1::2] = J[0::2][: K // 2]
+    elif kind == "near_parallel" and K > 1:
+        J[1:] = J[0] + 1e-6 * J[1:]
+    if kind == "float32_gram":  # what the aggregators see: a float32 Gram, slightly indefinite
+        return ops.gram(J.float()).to(F64) * scale
+    G = J @ J.T  # a float64 matmul is symmetric only to rounding; ops.gram's output is exactly
+    return (G + G.T) / 2 * scale
+
+
+def _normalized(G: torch.Tensor) -> torch.Tensor:
+    return mmgrad.aggregators.base.normalize_trace(G)[0]
+
+
+def _tol(kind: str, regularised: bool) -> float:
+    """Relative agreement to expect. The regularised (+1e-4 I) dual-cone faces have condition
+    number <= ~1e4. Without that, faces of rank-deficient G are singular up to the 1e-12 ridge
+    (condition ~1e12): two backward-stable solves of the same system then agree to ~1e-4 only."""
+    if regularised or kind == "full":
+        return 1e-10
+    return 1e-3
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Every row of ``got`` within ``rtol`` x (largest entry of that row of ``want``)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    want2, got2 = want.reshape(-1, want.shape[-1]), got.reshape(-1, got.shape[-1])
+    scale = want2.abs().amax(dim=1, keepdim=True)
+    err = (got2 - want2).abs()
+    assert torch.isfinite(got2).all() and (err <= rtol * scale).all(), (err / scale).max()
+
+
+def _cagrad_inputs(Gn: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    K = Gn.shape[0]
+    u = torch.full((K,), 1.0 / K, dtype=F64)
+    b = Gn @ u
+    return b, c * (u @ b).clamp(min=0).sqrt()
+
+
+@pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
+def test_dual_cone_matches_torch(K, kind, scale, gen):
+    Gn = _normalized(_gram(K, kind, scale, gen))
+    pref = torch.rand(K, generator=gen, dtype=F64) + 0.1
+    U = torch.cat([torch.diag(pref), pref.unsqueeze(0), torch.rand(2, K, generator=gen, dtype=F64) - 0.3])
+    for reg in (1e-4, 0.0):
+        Gr = Gn + reg * torch.eye(K, dtype=F64)
+        iters = _qp.default_iters(K)
+        want = _qp.project_dual_cone_torch(Gr, U, iters)
+        got = C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
+        _assert_close(got, want, _tol(kind, reg > 0))
+
+
+@pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
+def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
+    Gn = _normalized(_gram(K, kind, scale, gen))
+    iters = _qp.default_iters(K)
+    want = _qp.min_norm_simplex_torch(Gn, iters)
+    got = C.min_norm_simplex(Gn, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
+    _assert_close(got, want, _tol(kind, False))
+    # The min-norm point itself (Gram coordinates, trace-1 scale) is well conditioned even where
+    # the weights are not.
+    assert (Gn @ got - Gn @ want).abs().max() <= 1e-14
+
+
+@pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
+def test_cagrad_dual_matches_torch(K, kind, scale, gen):
+    Gn = _normalized(_gram(K, kind, scale, gen))
+    iters = _qp.default_iters(K, cagrad.CAGRAD_ITERS)
+    for c in (0.1, 0.5, 2.0):
+        b, s = _cagrad_inputs(Gn, c)
+        want = cagrad.cagrad_dual_torch(Gn, b, s, iters)
+        got = C.cagrad_dual(Gn, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX)
+        _assert_close(got, want, _tol(kind, False))
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2, 3])
+@pytest.mark.parametrize("K", [3, 8, 16, 64])
+def test_small_budgets_agree_before_convergence(K, iters, gen):
+    """With a budget too small to identify the active set both sides return the same unconverged
+    iterate (the C++ early exit only fires at a fixed point)."""
+    Gn = _normalized(_gram(K, "low_rank", 1.0, gen))
+    Gr = Gn + 1e-4 * torch.eye(K, dtype=F64)
+    U = torch.eye(K, dtype=F64) / K
+    _assert_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.project_dual_cone_torch(Gr, U, iters), 1e-10)
+    _assert_close(C.min_norm_simplex(Gr, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.min_norm_simplex_torch(Gr, iters), 1e-10)
+    b, s = _cagrad_inputs(Gr, 0.5)
+    _assert_close(C.cagrad_dual(Gr, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+                  cagrad.cagrad_dual_torch(Gr, b, s, iters), 1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("K", [3, 8, 16, 64])
+def test_asymmetric_gram_takes_the_lu_path(K, kind, gen):
+    """A G that is symmetric only to rounding (as a float64 ``J @ J.T``) is factored by LU, as the
+    torch solve does, and agrees as well as the exactly symmetric one."""
+    G = _normalized(_gram(K, kind, 1.0, gen))
+    G = G + 1e-16 * torch.triu(torch.rand(K, K, generator=gen, dtype=F64), 1)
+    assert not torch.equal(G, G.T)
+    Gr = G + 1e-4 * torch.eye(K, dtype=F64)
+    U = torch.eye(K, dtype=F64) / K
+    iters = _qp.default_iters(K)
+    _assert_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.project_dual_cone_torch(Gr, U, iters), 1e-10)
+    _assert_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.min_norm_simplex_torch(G, iters), _tol(kind, False))
+    b, s = _cagrad_inputs(G, 0.5)
+    _assert_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+                  cagrad.cagrad_dual_torch(G, b, s, iters), _tol(kind, False))
+
+
+@pytest.mark.parametrize("K", [3, 8, 16])
+def test_indefinite_faces_fall_back_to_lu(K, gen):
+    """A symmetric G with a negative eigenvalue (a Gram that rounding made indefinite, much
+    exaggerated): Cholesky meets a non-positive pivot, the LU fallback gives the torch answer."""
+    Q, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=F64))
+    lam = torch.rand(K, generator=gen, dtype=F64) + 0.5
+    lam[0] = -0.05
+    G = Q @ torch.diag(lam) @ Q.T
+    G = _normalized((G + G.T) / 2)
+    iters = _qp.default_iters(K)
+    _assert_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.min_norm_simplex_torch(G, iters), 1e-10)
+    U = torch.eye(K, dtype=F64) / K
+    _assert_close(C.project_dual_cone(G, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.project_dual_cone_torch(G, U, iters), 1e-10)
+    b, s = _cagrad_inputs(G, 0.5)
+    _assert_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+                  cagrad.cagrad_dual_torch(G, b, s, iters), 1e-10)
+
+
+def test_non_finite_gram_gives_nan_dual_cone_weights():
+    K = 5
+    G = torch.eye(K, dtype=F64) / K
+    G[0, 2] = G[2, 0] = float("inf")
+    U = torch.eye(K, dtype=F64) / K
+    got = C.project_dual_cone(G, U, 7, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
+    assert got.isnan().all()
+    assert _qp.project_dual_cone_torch(G, U, 7).isnan().any()
+    assert torch.equal(C.project_dual_cone(G, U, 0, _qp.RIDGE, _qp.TOL, _qp.BACKUP), U)
+
+
+def test_functions_route_by_backend(monkeypatch, gen):
+    """project_dual_cone / min_norm_simplex / cagrad_dual run the C++ kernel on float64 CPU tensors,
+    the torch solver under MMGRAD_BACKEND=reference and for other dtypes."""
+    K = 16
+    G = _normalized(_gram(K, "low_rank", 1.0, gen)) + 1e-4 * torch.eye(K, dtype=F64)
+    U = torch.eye(K, dtype=F64) / K
+    b, s = _cagrad_inputs(G, 0.5)
+    it = _qp.default_iters(K)
+    runs = {
+        "dual_cone": (lambda G, U, b, s: _qp.project_dual_cone(G, U),
+                      lambda: C.project_dual_cone(G, U, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                      lambda G, U, b, s: _qp.project_dual_cone_torch(G, U)),
+        "min_norm": (lambda G, U, b, s: _qp.min_norm_simplex(G),
+                     lambda: C.min_norm_simplex(G, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                     lambda G, U, b, s: _qp.min_norm_simplex_torch(G)),
+        "cagrad": (lambda G, U, b, s: cagrad.cagrad_dual(G, b, s),
+                   lambda: C.cagrad_dual(G, b, s, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+                   lambda G, U, b, s: cagrad.cagrad_dual_torch(G, b, s)),
+    }
+    for name, (routed, kernel, torch_solver) in runs.items():
+        assert torch.equal(routed(G, U, b, s), kernel()), name
+        f32 = [t.float() for t in (G, U, b, s)]
+        assert torch.equal(routed(*f32), torch_solver(*f32)), name
+        with monkeypatch.context() as m:
+            m.setenv("MMGRAD_BACKEND", "reference")
+            assert torch.equal(routed(G, U, b, s), torch_solver(G, U, b, s)), name
+    # the two paths are not bitwise equal, so the equalities above tell them apart
+    assert not torch.equal(_qp.project_dual_cone_torch(G, U), C.project_dual_cone(
+        G, U, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP))
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad"])
+@pytest.mark.parametrize("K", [3, 8, 64])
+def test_aggregator_weights_match_reference_backend(name, K, monkeypatch, gen):
+    J = torch.randn(K, 3 * K, generator=gen)
+    G = ops.gram(J)
+    got = mmgrad.weights(G, name)
+    monkeypatch.setenv("MMGRAD_BACKEND", "reference")
+    want = mmgrad.weights(ops.gram(J), name)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_bad_inputs_raise_clear_errors():
+    G = torch.eye(3, dtype=F64)
+    U = torch.eye(3, dtype=F64)
+    args = (_qp.RIDGE, _qp.TOL, _qp.BACKUP)
+    with pytest.raises(RuntimeError, match="G must be float64"):
+        C.project_dual_cone(G.float(), U, 5, *args)
+    with pytest.raises(RuntimeError, match="square"):
+        C.min_norm_simplex(torch.ones(3, 2, dtype=F64), 5, *args)
+    with pytest.raises(RuntimeError, match=r"U must have shape \(B, 3\)"):
+        C.project_dual_cone(G, torch.ones(2, 4, dtype=F64), 5, *args)
+    with pytest.raises(RuntimeError, match="iters must be non-negative"):
+        C.min_norm_simplex(G, -1, *args)
+    with pytest.raises(RuntimeError, match=r"b must have shape \(3,\)"):
+        C.cagrad_dual(G, torch.ones(2, dtype=F64), torch.tensor(0.5, dtype=F64), 5, *args, 1e8)
+    with pytest.raises(RuntimeError, match="s must be a float64 CPU tensor with one element"):
+        C.cagrad_dual(G, torch.ones(3, dtype=F64), torch.ones(2, dtype=F64), 5, *args, 1e8)
+
+
+def test_custom_ops_pass_opcheck(gen):
+    K = 8
+    G = _normalized(_gram(K, "full", 1.0, gen))
+    b, s = _cagrad_inputs(G, 0.5)
+    torch.library.opcheck(_qp._project_dual_cone_op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
+    torch.library.opcheck(_qp._min_norm_simplex_op, (G, 10, _qp.RIDGE, _qp.TOL))
+    torch.library.opcheck(cagrad._cagrad_dual_op, (G, b, s, 10, _qp.RIDGE, _qp.TOL))
+
+
+def test_upgrad_k64_solver_is_fast():
+    """Issue #3's CPU target, with slack for a loaded machine: the whole UPGrad weights(G) call at
+    K = 64 (a float32 Gram of random rows) in well under the torch solver's ~18 ms."""
+    J = torch.randn(64, 4096)
+    G = ops.gram(J)
+    agg = mmgrad.aggregators.get("upgrad")
+    agg.weights(G)
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        agg.weights(G)
+        times.append(time.perf_counter() - t0)
+    assert statistics.median(times) < 5e-3, times
