@@ -180,7 +180,7 @@ class _CppBackend:
 class _CudaBackend:
     """The CUDA C++ kernels of ``mmgrad._C`` (``kernels/``, launched from ``csrc/cuda/``): the same
     ``torch.ops.mmgrad_C`` ops as :class:`_CppBackend`, which the dispatcher routes to them for CUDA
-    tensors. No feature_drop kernel (``_feature_drop_impl`` reports that)."""
+    tensors. No feature_drop or philox_uniform kernel (:func:`_kernel` falls back to the reference)."""
 
     gram = _CppBackend.gram
     combine = _CppBackend.combine
@@ -202,6 +202,29 @@ def _implementation(device: torch.device, backend: Optional[str]):
     if name == "cuda":
         return _CudaBackend
     raise AssertionError(name)  # pragma: no cover - resolve_backend returns a known name
+
+
+def _reference_philox_uniform(seed, counter, n, index, dtype):
+    pos = torch.arange(n, dtype=torch.int64, device=seed.device) if index is None else index
+    return reference.philox_uniform(seed, counter + pos, dtype)
+
+
+#: The reference of the ops that not every backend has a kernel for, in the kernels' signature.
+_REFERENCE_KERNELS = {"feature_drop": reference.feature_drop, "philox_uniform": _reference_philox_uniform}
+
+
+def _kernel(op: str, device: torch.device, backend: Optional[str]):
+    """The function that runs ``op`` (one of ``_REFERENCE_KERNELS``) on ``device``: the kernel of
+    the resolved backend, or the reference where that backend has none (sync-free device code, so
+    a run whose policy or ``MMGRAD_BACKEND`` picked that backend keeps working). Naming such a
+    backend in the call's ``backend=`` raises: the caller asked for a kernel that does not exist."""
+    name = resolve_backend(device, backend)
+    impl = _implementation(device, name)
+    if name != "reference" and hasattr(impl, op):
+        return getattr(impl, op)
+    if backend is not None and name != "reference":
+        raise NotImplementedError(f"mmgrad backend {name!r} has no {op} kernel; use 'triton' or 'reference'")
+    return _REFERENCE_KERNELS[op]
 
 
 # --- custom ops (schemas and fake kernels) ----------------------------------------------------
@@ -298,16 +321,6 @@ def _segment_lerp_op(
     _implementation(x.device, backend).segment_lerp_(x, y, offsets, numels, weight)
 
 
-def _feature_drop_impl(device: torch.device, backend: Optional[str]):
-    name = resolve_backend(device, backend)
-    impl = _implementation(device, name)
-    if hasattr(impl, "feature_drop"):
-        return impl.feature_drop
-    if backend or os.environ.get("MMGRAD_BACKEND"):
-        raise NotImplementedError(f"mmgrad backend {name!r} has no feature_drop kernel; use 'triton' or 'reference'")
-    return reference.feature_drop  # the auto policy picked a backend without this kernel
-
-
 @torch.library.custom_op("mmgrad::feature_drop", mutates_args=())
 def _feature_drop_op(
     z: torch.Tensor,
@@ -317,7 +330,7 @@ def _feature_drop_op(
     counter: torch.Tensor,
     backend: Optional[str] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _feature_drop_impl(z.device, backend)(z, widths, drop_prob, seed, counter)
+    return _kernel("feature_drop", z.device, backend)(z, widths, drop_prob, seed, counter)
 
 
 @_feature_drop_op.register_fake
@@ -343,24 +356,6 @@ torch.library.register_autograd(
 )
 
 
-def _reference_philox_uniform(seed, counter, n, index, dtype):
-    pos = torch.arange(n, dtype=torch.int64, device=seed.device) if index is None else index
-    return reference.philox_uniform(seed, counter + pos, dtype)
-
-
-def _philox_uniform_impl(device: torch.device, backend: Optional[str]):
-    name = resolve_backend(device, backend)
-    if name == "triton":
-        return importlib.import_module("mmgrad.triton.philox_uniform").philox_uniform
-    if name == "cpp":
-        return _CppBackend.philox_uniform
-    if name == "cuda" and backend == "cuda":
-        raise NotImplementedError("mmgrad backend 'cuda' has no philox_uniform kernel; use 'triton' or 'reference'")
-    # The reference, also where the policy or MMGRAD_BACKEND picked the CUDA C++ backend (no
-    # kernel for this op): it is sync-free device arithmetic, so seeded aggregators keep working.
-    return _reference_philox_uniform
-
-
 @torch.library.custom_op("mmgrad::philox_uniform", mutates_args=())
 def _philox_uniform_op(
     seed: torch.Tensor,
@@ -370,7 +365,7 @@ def _philox_uniform_op(
     dtype: torch.dtype,
     backend: Optional[str] = None,
 ) -> torch.Tensor:
-    return _philox_uniform_impl(seed.device, backend)(seed, counter, n, index, dtype)
+    return _kernel("philox_uniform", seed.device, backend)(seed, counter, n, index, dtype)
 
 
 @_philox_uniform_op.register_fake

@@ -516,3 +516,19 @@ def test_end_to_end_training_with_balanced_optimizer_matches_a_plain_sgd_loop():
     assert losses[-1] < losses[0]
     for pa, pb in zip(model_a.parameters(), model_b.parameters()):
         assert torch.allclose(pa, pb, rtol=1e-10, atol=1e-12)
+
+
+def test_a_backend_without_the_kernel_runs_the_reference_unless_named(monkeypatch):
+    # ops._kernel: where the policy or MMGRAD_BACKEND picks a backend with no feature_drop kernel
+    # (the CUDA C++ one), the reference runs; naming that backend in the call raises.
+    from mmgrad import reference
+
+    z = torch.randn(9, 7, dtype=torch.float64)
+    p = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    seed, counter = torch.tensor(3), torch.tensor(40)
+    expected = reference.feature_drop(z, [3, 4], p, seed, counter)
+    monkeypatch.setattr(ops, "resolve_backend", lambda device, backend=None: "cuda")
+    out, keep = ops.feature_drop(z, [3, 4], p, seed, counter)
+    assert torch.equal(out, expected[0]) and torch.equal(keep, expected[1])
+    with pytest.raises(NotImplementedError, match="no feature_drop kernel"):
+        ops.feature_drop(z, [3, 4], p, seed, counter, backend="cuda")

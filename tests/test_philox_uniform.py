@@ -218,7 +218,8 @@ def test_argument_errors():
 
 def test_policy_choosing_the_cuda_backend_falls_back_to_the_reference(monkeypatch):
     # Where the auto policy or MMGRAD_BACKEND picks the CUDA C++ backend (CUDA tensors, no
-    # Triton), the op has no kernel there and runs the reference; an explicit backend="cuda" raises.
+    # Triton), the op has no kernel there and runs the reference; an explicit backend="cuda" raises
+    # (ops._kernel: the same rule as feature_drop).
     monkeypatch.setattr(ops, "resolve_backend", lambda device, backend=None: "cuda")
     assert torch.equal(ops.philox_uniform(3, 5, 100), loop_uniform(3, [5 + i for i in range(100)], torch.float32))
     with pytest.raises(NotImplementedError, match="no philox_uniform kernel"):

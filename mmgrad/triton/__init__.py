@@ -9,8 +9,9 @@ import triton  # noqa: F401  (fail early, with an ImportError, when triton is mi
 
 from .feature_drop import feature_drop
 from .kernels import combine, gram
+from .philox_uniform import philox_uniform
 from .segments import (segment_combine_, segment_gram, segment_lerp_, segment_moments,
                        segment_scale_)
 
 __all__ = ["gram", "combine", "segment_moments", "segment_gram", "segment_combine_",
-           "segment_scale_", "segment_lerp_", "feature_drop"]
+           "segment_scale_", "segment_lerp_", "feature_drop", "philox_uniform"]
