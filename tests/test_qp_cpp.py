@@ -14,12 +14,11 @@ import time
 
 import pytest
 import torch
+from conftest import REQUIRE_CPP
 
 import mmgrad
 from mmgrad import ops
-from mmgrad.aggregators import _qp, cagrad, dual_cone, minnorm
-
-from conftest import REQUIRE_CPP
+from mmgrad.aggregators import _qp, cagrad
 
 F64 = torch.float64
 SIZES = (1, 2, 3, 8, 16, 64)

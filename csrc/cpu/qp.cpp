@@ -295,8 +295,9 @@ class DualConeSolver {
     for (int64_t it = 0; it < budget_.iters; ++it) {
       const int64_t m = support(v);
       for (int64_t j = 0; j < K; ++j) {
-        infeasible_[j] = tight[j] ? gather_dot(Gt_ + j * K, idx_.data(), val_.data(), m) < -budget_.tol
-                                  : v[j] < u[j] - budget_.tol;
+        infeasible_[j] = tight[j]
+                             ? gather_dot(Gt_ + j * K, idx_.data(), val_.data(), m) < -budget_.tol
+                             : v[j] < u[j] - budget_.tol;
       }
       if (!pivoting.exchange(infeasible_.data(), tight, K)) break;
       // Fixed coordinates stay at u; the free block solves G_FF v_F = -(G^T u_A)_F.
@@ -391,7 +392,8 @@ at::Tensor min_norm_simplex(const at::Tensor& G_in, int64_t iters, double ridge,
     if (it + 1 == budget.iters) break;
     const double nu = 1.0 / s;
     for (int64_t i = 0; i < K; ++i)
-      infeasible[i] = tight[i] ? dot(g + i * K, a.data(), K) - nu < -budget.tol : a[i] < -budget.tol;
+      infeasible[i] =
+          tight[i] ? dot(g + i * K, a.data(), K) - nu < -budget.tol : a[i] < -budget.tol;
     if (!pivoting.exchange(infeasible.data(), tight.data(), K)) break;
   }
   return normalized_on_simplex(a, G.options());
@@ -399,8 +401,9 @@ at::Tensor min_norm_simplex(const at::Tensor& G_in, int64_t iters, double ridge,
 
 // argmin_{w in simplex} b^T w + s |g_w| (the CAGrad dual). On the face with free set F, with
 // p = M^{-1} 1 and q = M^{-1} b_F (M = G_FF + ridge I), A2 = 1^T p, A1 = 1^T q, A0 = b_F^T q:
-// w_F = p / A2 + kappa ((A1 / A2) p - q), kappa = (A2 (s^2 - (A0 - A1^2 / A2)))^{-1/2}, capped at
-// kappa_max where that is not real; multipliers mu = b + G w / kappa - nu, nu = (1 / kappa + A1) / A2.
+// w_F = p / A2 + kappa ((A1 / A2) p - q), kappa = (A2 (s^2 - (A0 - A1^2 / A2)))^{-1/2}, capped
+// at kappa_max where that is not real; multipliers mu = b + G w / kappa - nu with
+// nu = (1 / kappa + A1) / A2.
 at::Tensor cagrad_dual(const at::Tensor& G_in, const at::Tensor& b_in, const at::Tensor& s_in,
                        int64_t iters, double ridge, double tol, int64_t backup, double kappa_max) {
   const char* op = "mmgrad_C::cagrad_dual";

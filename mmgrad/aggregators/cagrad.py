@@ -94,9 +94,10 @@ class CAGrad(_PrefMixin, Aggregator):
     (LibMTL / nash-mtl; torchjd has no default, the official NYUv2 run uses 0.4).
 
     Solver: :func:`cagrad_dual` (budget ``iters``, default ``min(20, K + 2)``; in torch on GPUs,
-    in C++ on the CPU) where torchjd calls cvxpy + Clarabel on the CPU. Norms are computed on the trace-normalised ``G`` (as torchjd, which
-    normalises by the trace too), but the normalisation itself has no threshold here (torchjd
-    zeroes ``G`` when its trace is below ``norm_eps`` and then returns zero weights).
+    in C++ on the CPU) where torchjd calls cvxpy + Clarabel on the CPU. Norms are computed on the
+    trace-normalised ``G`` (as torchjd, which normalises by the trace too), but the normalisation
+    itself has no threshold here (torchjd zeroes ``G`` when its trace is below ``norm_eps`` and
+    then returns zero weights).
     """
 
     name = "cagrad"
