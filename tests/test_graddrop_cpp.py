@@ -265,19 +265,19 @@ def test_torch_path_values_with_its_default_blocks(K, dtype, gen, monkeypatch):
 
 
 def test_dispatch(monkeypatch, gen):
-    calls = []
-    real = graddrop_module.graddrop_fused
-    monkeypatch.setattr(graddrop_module, "graddrop_fused", lambda *a: calls.append(1) or real(*a))
+    # The torch block loop runs for any other f, and inside the op when the backend is not C++.
+    loops = []
+    real = graddrop_module._drop_blocks
+    monkeypatch.setattr(graddrop_module, "_drop_blocks", lambda *a: loops.append(1) or real(*a))
     J = make_J(4, 100, torch.float32, gen)
-    GradDrop()(J)
-    assert len(calls) == 1
-    GradDrop(f=lambda p: p)(J)  # any other f: the torch path
-    assert len(calls) == 1
+    fused_out = GradDrop()(J)
     GradDrop()(J.double())
-    assert len(calls) == 2
+    assert loops == []
+    GradDrop(f=lambda p: p)(J)
+    assert len(loops) == 1
     monkeypatch.setenv("MMGRAD_BACKEND", "reference")
-    GradDrop()(J)
-    assert len(calls) == 2
+    assert_same_bits(GradDrop(block=64)(J[:, :64]), fused_out[:64])
+    assert len(loops) == 2
 
 
 def test_state_dict_resume(gen):
@@ -294,13 +294,24 @@ def test_state_dict_resume(gen):
     assert_same_bits(a(Js[0]), GradDrop(seed=2, leak=[0.1, 0, 0.5, 0, 1])(Js[0]))
 
 
-def test_opcheck_and_compile(gen):
+def test_opcheck_and_compile(gen, monkeypatch):
     J = make_J(6, 517, torch.float32, gen, specials=False)  # (opcheck compares NaNs as unequal)
+    op = graddrop_module.graddrop_identity
     args = (J, torch.tensor(3), torch.tensor(10), torch.linspace(0, 1, 6), torch.arange(517) * 3)
-    torch.library.opcheck(graddrop_module.graddrop_fused, args)
+    for backend in ("cpp", "reference"):
+        monkeypatch.setenv("MMGRAD_BACKEND", backend)
+        torch.library.opcheck(op, args)
+        torch.library.opcheck(op, args[:4] + (None, 64))
+    monkeypatch.delenv("MMGRAD_BACKEND")
     torch._dynamo.reset()
-    compiled = torch.compile(lambda *a: graddrop_module.graddrop_fused(*a), fullgraph=True)
-    assert_same_bits(compiled(*args), graddrop_module.graddrop_fused(*args))
+    compiled = torch.compile(lambda *a: op(*a), fullgraph=True)
+    assert_same_bits(compiled(*args), op(*args))
+    # The whole aggregator compiles too (the backend is chosen inside the op, at run time).
+    agg, ref = GradDrop(seed=3), GradDrop(seed=3)
+    step = torch.compile(lambda J: agg(J), fullgraph=True)
+    for _ in range(2):
+        assert_same_bits(step(J), ref(J))
+    assert agg._counters["cpu"].item() == ref._counters["cpu"].item() == 2 * 517
 
 
 def test_argument_errors():

@@ -31,26 +31,74 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _drop_blocks(J: torch.Tensor, draws: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
+                 leak: Optional[tuple[torch.Tensor, torch.Tensor]], block: Optional[int]) -> torch.Tensor:
+    """The torch path: GradDrop of ``J`` (K, P) with the uniforms ``draws`` (P,), blocked over the
+    columns (no Python loop over rows, no host sync). ``leak``: (leak, 1 - leak) as (K, 1) columns
+    in the accumulation dtype, or None."""
+    K, P = J.shape
+    acc = _acc_dtype(J.dtype)
+    out = torch.empty(P, dtype=J.dtype, device=J.device)
+    if P == 0:
+        return out
+    block = _block_columns(K, J.device) if block is None else block
+    # One scratch buffer for the K x block temporaries, written with out= / in place (fresh
+    # allocations of this size would page-fault on every block). The keep mask is float 0/1:
+    # torch's float compares and multiplies are several times faster than bool ones, and
+    # J * 1.0 / J * 0.0 are the values J * True / J * False give.
+    scratch = torch.empty(K * min(block, P), dtype=acc, device=J.device)
+    for start in range(0, P, block):
+        Jb = J[:, start:start + block].to(acc)
+        b = Jb.shape[1]
+        t = scratch[:K * b].view(K, b)  # contiguous for the tail block too
+        s = Jb.sum(0)
+        a = torch.abs(Jb, out=t).sum(0)
+        purity = 0.5 * (1.0 + s / torch.where(a > 0, a, torch.ones_like(a)))
+        # +1 keeps the positive entries (f(P) > U), -1 the negative ones (f(P) < U), 0 and NaN
+        # none: keep_i = J_i * c > 0 is exactly ((f(P) > U) & (J_i > 0)) | ((f(P) < U) & (J_i < 0)).
+        c = torch.sign(f(purity) - draws[start:start + b]).to(acc)
+        torch.mul(Jb, c, out=t).gt_(0)
+        if leak is not None:
+            leak_column, one_minus_leak = leak
+            t.mul_(one_minus_leak).add_(leak_column)
+        out[start:start + b] = torch.mul(Jb, t, out=t).sum(0)
+    return out
+
+
 #: J dtypes the fused C++ kernel reads.
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.library.custom_op("mmgrad::graddrop", mutates_args=(), device_types="cpu")
-def graddrop_fused(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
-                   leak: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
-    """GradDrop with ``f = identity`` in one pass over a CPU ``J`` (``csrc/cpu/graddrop.cpp``): the
-    uniforms are those of ``ops.philox_uniform(seed, counter, ...)`` at the columns (at
-    ``index`` for a shard), computed inline; ``leak`` is (K,) in J's accumulation dtype. The
-    caller advances ``counter``. Every column sum adds its rows in the order of torch's CPU column
-    sum, so the result is the torch path's except in the columns torch's own sum orders
-    differently (the last < 64 columns of a block, or of a thread's share of one): there the sums
-    may differ by rounding, and a keep decision with them only where purity and U agree to
-    rounding."""
-    return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
+def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
+                      leak: Optional[torch.Tensor], index: Optional[torch.Tensor],
+                      block: Optional[int] = None) -> torch.Tensor:
+    """GradDrop with ``f = identity`` of a CPU ``J`` (K, P), the uniforms those of
+    ``ops.philox_uniform(seed, counter, P)`` (at ``index`` for a shard); ``leak``: (K,) in J's
+    accumulation dtype, or None. The caller advances ``counter``.
+
+    With the C++ backend (``ops.resolve_backend`` says ``"cpp"``) one fused kernel
+    (``csrc/cpu/graddrop.cpp``) reads J once and computes the uniforms inline. Its column sums add
+    the rows in the order of torch's CPU column sum, so it returns the torch path's bits except in
+    the columns torch's own sum orders differently (the last < 64 columns of a block, or of a
+    thread's share of one): there the sums may differ by rounding, and a keep decision with them
+    only where purity and U agree to rounding. Otherwise the torch block loop runs (``block``
+    columns per block)."""
+    if J.dtype in _FUSED_DTYPES and ops.resolve_backend(J.device) == "cpp":
+        return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
+    acc = _acc_dtype(J.dtype)
+    n = J.shape[1] if index is None else None
+    draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc)
+    columns = None if leak is None else leak.unsqueeze(1)
+    return _drop_blocks(J, draws, _identity, None if leak is None else (columns, 1 - columns), block)
 
 
-@graddrop_fused.register_fake
-def _(J, seed, counter, leak, index):
+@graddrop_identity.register_fake
+def _(J, seed, counter, leak, index, block=None):
     return J.new_empty(J.shape[1])
 
 
@@ -64,9 +112,9 @@ class GradDrop(SeededMixin, Aggregator):
     comparisons). Difference: ``U`` comes from this object's seeded generator (state in
     ``state_dict``), not the global RNG. Elementwise, so there is no ``weights(G)``.
 
-    On CPU with the C++ backend and the default ``f``, one fused kernel computes all of it in one
-    pass over J (:func:`graddrop_fused`); other ``f``, other devices and ``MMGRAD_BACKEND=reference``
-    run the torch block loop.
+    With the default ``f`` on CPU the work is one custom op (:func:`graddrop_identity`): with the
+    C++ backend a fused kernel that reads J once; other ``f``, other devices and
+    ``MMGRAD_BACKEND=reference`` run the torch block loop.
 
     ``block``: columns per block of the torch loop (default: on CPU about 2**18 / K, a power of
     two; else 32768).
@@ -93,55 +141,26 @@ class GradDrop(SeededMixin, Aggregator):
 
     def __call__(self, J: torch.Tensor, columns: Optional[torch.Tensor] = None, total: Optional[int] = None) -> torch.Tensor:
         """``columns`` / ``total``: ``J`` holds the columns ``columns`` (int64, (P,)) of a (K, total)
-        matrix (a shard of it): the random draws are those of the whole matrix at these columns.
-
-        With the default ``f`` on a CPU ``J`` and the C++ backend, one fused
-        kernel (:func:`graddrop_fused`) reads J once and computes the draws inline; otherwise the
-        torch block loop below runs."""
+        matrix (a shard of it): the random draws are those of the whole matrix at these columns."""
         check_matrix(J)
         K, P = J.shape
-        acc = torch.float64 if J.dtype == torch.float64 else torch.float32
+        acc = _acc_dtype(J.dtype)
         leak = self._leak_for(K, J.device, acc)
-        if (self.f is _identity and J.device.type == "cpu" and J.dtype in _FUSED_DTYPES
-                and ops.resolve_backend(J.device) == "cpp"):
+        index = None if columns is None else columns.to(J.device)
+        if self.f is _identity and J.device.type == "cpu":
             counter, key = self._stream(J.device)
-            out = graddrop_fused(J, key, counter, None if leak is None else leak[0],
-                                 None if columns is None else columns.to(J.device))
-            counter.add_(P if columns is None or total is None else int(total))
+            out = graddrop_identity(J, key, counter, None if leak is None else leak[0], index, self.block)
+            counter.add_(P if index is None or total is None else int(total))
             return out
-        out = torch.empty(P, dtype=J.dtype, device=J.device)
-        if columns is not None:  # drawn (and the stream advanced) even for an empty shard
-            draws = self._uniform_at(columns.to(J.device), P if total is None else total, acc)
+        if index is not None:  # drawn (and the stream advanced) even for an empty shard
+            draws = self._uniform_at(index, P if total is None else total, acc)
         else:  # all P draws up front, in one fused op
             draws = self._uniform(P, J.device, acc)
-        if P == 0:
-            return out
-        block = _block_columns(K, J.device) if self.block is None else self.block
-        # One scratch buffer for the K x block temporaries, written with out= / in place (fresh
-        # allocations of this size would page-fault on every block). The keep mask is float 0/1:
-        # torch's float compares and multiplies are several times faster than bool ones, and
-        # J * 1.0 / J * 0.0 are the values J * True / J * False give.
-        scratch = torch.empty(K * min(block, P), dtype=acc, device=J.device)
-        for start in range(0, P, block):
-            Jb = J[:, start:start + block].to(acc)
-            b = Jb.shape[1]
-            t = scratch[:K * b].view(K, b)  # contiguous for the tail block too
-            s = Jb.sum(0)
-            a = torch.abs(Jb, out=t).sum(0)
-            purity = 0.5 * (1.0 + s / torch.where(a > 0, a, torch.ones_like(a)))
-            # +1 keeps the positive entries (f(P) > U), -1 the negative ones (f(P) < U), 0 and NaN
-            # none: keep_i = J_i * c > 0 is exactly ((f(P) > U) & (J_i > 0)) | ((f(P) < U) & (J_i < 0)).
-            c = torch.sign(self.f(purity) - draws[start:start + b]).to(acc)
-            torch.mul(Jb, c, out=t).gt_(0)
-            if leak is not None:
-                _, leak_column, one_minus_leak = leak
-                t.mul_(one_minus_leak).add_(leak_column)
-            out[start:start + b] = torch.mul(Jb, t, out=t).sum(0)
-        return out
+        return _drop_blocks(J, draws, self.f, None if leak is None else leak[1:], self.block)
 
     def _leak_for(self, K: int, device: torch.device, acc: torch.dtype):
-        """None without leak, else ``leak`` on ``device`` in ``acc`` as (K,), and as a (K, 1) column
-        with its ``1 - leak`` (one host-to-device copy per device, at the first call)."""
+        """None without leak, else (leak as (K,), leak as a (K, 1) column, 1 - that column) on
+        ``device`` in ``acc`` (one host-to-device copy per device, at the first call)."""
         if self.leak is None:
             return None
         if self.leak.shape[0] != K:
