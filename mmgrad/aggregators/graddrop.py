@@ -93,8 +93,8 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
     acc = _acc_dtype(J.dtype)
     n = J.shape[1] if index is None else None
     draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc)
-    columns = None if leak is None else leak.unsqueeze(1)
-    return _drop_blocks(J, draws, _identity, None if leak is None else (columns, 1 - columns), block)
+    leak_column = None if leak is None else leak.unsqueeze(1)
+    return _drop_blocks(J, draws, _identity, None if leak is None else (leak_column, 1 - leak_column), block)
 
 
 @graddrop_identity.register_fake
