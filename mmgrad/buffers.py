@@ -91,16 +91,14 @@ class FlatGradBuffer:
 
     ``zero_(lazy=True)`` (what :meth:`mmgrad.BalancedOptimizer.zero_grad` does) writes nothing: it
     marks the rows' segments *stale* and sets ``.grad`` to ``None``, so that autograd hands each
-    parameter a fresh gradient (and accumulates later micro-batches into it). :meth:`bind` and
-    :meth:`materialize` then copy those gradients into the row in one batched call: one read and
-    one write, instead of zeroing the row and accumulating into it (a write, two reads and a write),
-    and no per-parameter copy in the middle of the backward pass. :meth:`materialize` zeroes what no
-    backward reached before the rows are read.
+    parameter a fresh gradient, which a post-accumulate hook copies into the row (one read and
+    one write, instead of zeroing the row and accumulating into it: a write, two reads and a
+    write). :meth:`materialize` zeroes what no backward reached before the rows are read.
 
     On CPU the copied-from gradients are kept until :meth:`release_retired` (the optimizer calls
-    it after its step): freed before the step, glibc hands their memory back to the system and the
-    next backward page-faults it in again (27K faults, ~20 ms per step for two ResNet-18
-    encoders), whereas plain training keeps its gradients alive until ``zero_grad``.
+    it after its step): freed one by one during the backward, glibc hands their memory back to the
+    system and the next backward page-faults it in again (27K faults, ~20 ms per step for two
+    ResNet-18 encoders), whereas plain training keeps its gradients alive until ``zero_grad``.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], rows: int = 1, names: Optional[Sequence[str]] = None):
@@ -170,6 +168,16 @@ class FlatGradBuffer:
     def _on_accumulated(self, index: int):
         def hook(param):
             self._received.add(index)
+            stale = self._stale[self.active_row]
+            if index in stale:  # the first gradient since a lazy zero_: move it into the row
+                view = self._views[self.active_row][index]
+                g = param.grad
+                if g is not None and g is not view:
+                    local_tensor(view).copy_(local_tensor(g))
+                    if self._retire:
+                        self._retired.append(g)
+                    param.grad = view
+                    stale.discard(index)
 
         return hook
 
@@ -190,40 +198,24 @@ class FlatGradBuffer:
 
     def bind(self, row: int = 0) -> None:
         """Point every parameter's ``.grad`` at its slice of ``row``; the next backward
-        accumulates there. Gradients in ``.grad`` that live outside the buffer (autograd's, after a
-        lazy :meth:`zero_`, or a hand-assigned tensor) are first gathered into the row that was
-        active while they were computed, so nothing computed is lost. A parameter whose segment of
-        ``row`` is stale (lazily zeroed, no gradient yet) gets ``.grad = None``."""
+        accumulates there. Gradients already in ``.grad`` that live elsewhere are added into the row
+        first, so nothing computed is lost. A parameter whose segment of ``row`` is stale (lazily
+        zeroed) keeps ``.grad = None`` until its first gradient arrives."""
         if not 0 <= row < self.rows:
             raise IndexError(f"row {row} out of range for a buffer of {self.rows} rows")
-        self._gather()
         stale = self._stale[row]
         for i, (p, view) in enumerate(zip(self.params, self.views(row))):
+            g = p.grad
+            if g is not None and not self._owns(g):
+                if g.is_sparse:
+                    raise ValueError("sparse gradients are not supported by mmgrad's flat buffers")
+                if i in stale:
+                    local_tensor(view).copy_(local_tensor(g))
+                    stale.discard(i)
+                else:
+                    local_tensor(view).add_(local_tensor(g))
             p.grad = None if i in stale else view
         self.active_row = row
-
-    def _gather(self) -> None:
-        """Copy the gradients outside the buffer into the active row's stale segments and add them
-        into its other segments, in one batched call each."""
-        stale = self._stale[self.active_row]
-        copies: tuple[list, list] = ([], [])
-        adds: tuple[list, list] = ([], [])
-        for i, (p, view) in enumerate(zip(self.params, self.views(self.active_row))):
-            g = p.grad
-            if g is None or self._owns(g):
-                continue
-            if g.is_sparse:
-                raise ValueError("sparse gradients are not supported by mmgrad's flat buffers")
-            dst, src = copies if i in stale else adds
-            dst.append(local_tensor(view))
-            src.append(local_tensor(g))
-            stale.discard(i)
-            if self._retire:
-                self._retired.append(g)
-        if copies[0]:
-            torch._foreach_copy_(*copies)
-        if adds[0]:
-            torch._foreach_add_(*adds)
 
     def materialize(self) -> None:
         """Make every row hold exactly the gradients computed since the last :meth:`zero_`: fold in
@@ -275,7 +267,7 @@ class FlatGradBuffer:
         self.bind(self.active_row)
 
     def release_retired(self) -> None:
-        """Free the gradients :meth:`bind` copied into the rows since the last call (CPU only keeps
+        """Free the gradients the hooks copied into the rows since the last call (CPU only keeps
         them; see the class docstring)."""
         self._retired.clear()
 

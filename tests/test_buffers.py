@@ -81,7 +81,7 @@ def test_foreign_grads_are_folded_in_when_rebinding():
     assert torch.allclose(buf.row(0), in_buffer + fresh)
 
 
-def test_lazy_zero_gathers_the_gradients_and_zeroes_the_rest_on_materialize():
+def test_lazy_zero_copies_first_gradients_and_zeroes_the_rest_on_materialize():
     model = two_branch_model()
     params = list(model.parameters())
     n_a = len(list(model["a"].parameters()))
@@ -96,11 +96,11 @@ def test_lazy_zero_gathers_the_gradients_and_zeroes_the_rest_on_materialize():
     torch.manual_seed(5)
     loss_of(model, "a").backward()
     torch.manual_seed(6)
-    loss_of(model, "a").backward()  # a second micro-batch accumulates into autograd's tensors
-    for p in params[:n_a]:
-        assert p.grad is not None and not buf._owns(p.grad)  # outside the buffer until gathered
+    loss_of(model, "a").backward()  # a second micro-batch accumulates in place
+    for p, view in zip(params[:n_a], buf.views(0)[:n_a]):
+        assert p.grad.data_ptr() == view.data_ptr()
     assert all(p.grad is None for p in params[n_a:])  # not reached: None, as torch leaves it
-    buf.materialize()  # one batched copy into row 0
+    buf.materialize()
     assert buf.is_bound() and (buf.data[1] == 0).all()  # row 1 got nothing this step
     reference = two_branch_model()
     torch.manual_seed(5)
@@ -164,8 +164,8 @@ def test_segment_table_validation_and_tiling():
 
 
 def test_cpu_copied_gradients_are_freed_after_the_optimizer_step():
-    """The gradients gathered into the rows stay alive until after the optimizer step (as plain
-    training's do; freeing them earlier makes glibc return the memory and page-fault it back)."""
+    """The gradients the hooks copy into the rows stay alive until the step (as plain training's
+    do; freeing them mid-backward makes glibc return the memory and page-fault it back)."""
     import weakref
 
     import mmgrad
@@ -177,16 +177,15 @@ def test_cpu_copied_gradients_are_freed_after_the_optimizer_step():
     )
     buffer = opt._buffer
     seen = []
-    for p in buffer.params:  # the tensor autograd hands the parameter
+    for p in buffer.params:  # runs before the copy: the tensor autograd hands the parameter
         p.register_hook(lambda g: seen.append(weakref.ref(g)) or g)
     opt.zero_grad()
     out_a, out_b = model["a"](torch.randn(4, 5)), model["b"](torch.randn(4, 4))
     targets = torch.zeros(4, dtype=torch.long)
     opt.backward(out_a.pow(2).sum() + out_b.pow(2).sum(), logits={"a": out_a, "b": out_b}, targets=targets)
     assert len(seen) == len(buffer.params)
-    buffer.materialize()  # what step() does first: gather into the row
     assert len(buffer._retired) == len(buffer.params)
-    assert all(buffer._owns(p.grad) for p in buffer.params)
+    assert all(p.grad.untyped_storage().data_ptr() == buffer.data.untyped_storage().data_ptr() for p in buffer.params)
     opt.step()
     assert buffer._retired == []
     del out_a, out_b
