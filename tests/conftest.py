@@ -64,6 +64,26 @@ def random_segments(N, sizes, gen, device, gap_max=40):
     return offsets.to(device), numels.to(device)
 
 
+def random_gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:
+    """A float64 K x K Gram matrix of K random rows of ``kind`` ("full", "low_rank", "zero_rows",
+    "duplicates", "near_parallel", or "float32_gram": what the aggregators see, ``ops.gram`` of the
+    rows in float32, slightly indefinite), times ``scale``; exactly symmetric (a float64 matmul is
+    symmetric only to rounding, ``ops.gram``'s output is exactly)."""
+    P = 4 * K + 3
+    rank = max(1, K // 3) if kind == "low_rank" else K
+    J = torch.randn(K, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, P, generator=gen, dtype=torch.float64)
+    if kind == "zero_rows":
+        J[::3] = 0
+    elif kind == "duplicates" and K > 1:
+        J[1::2] = J[0::2][: K // 2]
+    elif kind == "near_parallel" and K > 1:
+        J[1:] = J[0] + 1e-6 * J[1:]
+    if kind == "float32_gram":
+        return ops.gram(J.float()).to(torch.float64) * scale
+    G = J @ J.T
+    return (G + G.T) / 2 * scale
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test's id: each test draws its own reproducible inputs;

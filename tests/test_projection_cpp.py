@@ -16,7 +16,7 @@ import mmgrad.aggregators as A
 from mmgrad import ops
 from mmgrad.aggregators import nash, projection
 
-from conftest import REQUIRE_CPP
+from conftest import REQUIRE_CPP, random_gram
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -35,22 +35,6 @@ def _auto_policy(monkeypatch):
     """The auto policy (C++ on CPU tensors) even where the suite runs under a forced MMGRAD_BACKEND:
     otherwise the comparisons below would compare the torch solvers with themselves."""
     monkeypatch.delenv("MMGRAD_BACKEND", raising=False)
-
-
-def _gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """A float64 K x K Gram matrix of K random rows of the given kind, times ``scale``."""
-    P = 4 * K + 3
-    rank = max(1, K // 3) if kind == "low_rank" else K
-    J = torch.randn(K, rank, generator=gen, dtype=F64) @ torch.randn(rank, P, generator=gen, dtype=F64)
-    if kind == "zero_rows":
-        J[::3] = 0
-    elif kind == "duplicates" and K > 1:
-        J[1::2] = J[0::2][: K // 2]
-    elif kind == "near_parallel" and K > 1:
-        J[1:] = J[0] + 1e-6 * J[1:]
-    if kind == "float32_gram":  # what the aggregators see: a float32 Gram, slightly indefinite
-        return ops.gram(J.float()).to(F64) * scale
-    return (J @ J.T) * scale
 
 
 def _orders(K: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,7 +57,7 @@ def _assert_rows_close(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-1
 @pytest.mark.parametrize("kind", KINDS)
 def test_pcgrad_coefficients_match_torch(K, kind, gen):
     for scale in SCALES:
-        G, order = _gram(K, kind, scale, gen), _orders(K, gen)
+        G, order = random_gram(K, kind, scale, gen), _orders(K, gen)
         C = projection.pcgrad_coefficients(G, order)
         _assert_rows_close(C, projection.pcgrad_coefficients_torch(G, order))
     if K >= 8 and kind == "full":  # some of the K (K - 1) / 2 random pairs conflicted
@@ -87,7 +71,7 @@ def test_pcgrad_coefficients_match_torch(K, kind, gen):
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradvac_coefficients_match_torch(K, kind, gen):
     for scale in SCALES:
-        G, order = _gram(K, kind, scale, gen), _orders(K, gen)
+        G, order = random_gram(K, kind, scale, gen), _orders(K, gen)
         # Fresh state (zero targets) and targets from earlier steps, anywhere in (-1, 1).
         for phi_t in (torch.zeros(K, K, dtype=F64), torch.rand(K, K, generator=gen, dtype=F64) * 2 - 1):
             for beta, eps in ((0.5, 1e-8), (0.0, 1e-8), (1.0, 1e-3)):
@@ -100,7 +84,7 @@ def test_gradvac_coefficients_match_torch(K, kind, gen):
 
 def test_gradvac_without_eps_propagates_nan_like_torch(gen):
     """eps = 0 and a zero row: cos = 0 / 0 is NaN on both sides, in the same entries."""
-    G = _gram(6, "zero_rows", 1.0, gen)
+    G = random_gram(6, "zero_rows", 1.0, gen)
     order, phi_t = _orders(6, gen), torch.zeros(6, 6, dtype=F64)
     C, phi = projection.gradvac_coefficients(G, order, phi_t, 0.5, 0.0)
     C_ref, phi_ref = projection.gradvac_coefficients_torch(G, order, phi_t, 0.5, 0.0)
@@ -112,7 +96,7 @@ def test_gradvac_without_eps_propagates_nan_like_torch(gen):
 def test_gradvac_aggregator_state_matches_reference(kind, gen, monkeypatch):
     """Five calls of GradVac.weights (EMA targets carried over): the C++ and reference backends give
     the same weights and the same phi_t (the orders come from the same Philox stream)."""
-    Gs = [_gram(16, kind, s, gen) for s in (1.0, 1e-10, 1e10, 3.0, 1.0)]
+    Gs = [random_gram(16, kind, s, gen) for s in (1.0, 1e-10, 1e10, 3.0, 1.0)]
     cpp, ref = A.get("gradvac"), A.get("gradvac")
     for G in Gs:
         w = cpp.weights(G)
@@ -126,7 +110,7 @@ def test_gradvac_aggregator_state_matches_reference(kind, gen, monkeypatch):
 
 def test_pcgrad_aggregator_matches_reference(gen, monkeypatch):
     for K in SIZES:
-        G = _gram(K, "full", 1.0, gen)
+        G = random_gram(K, "full", 1.0, gen)
         w = A.get("pcgrad", seed=3).weights(G)
         monkeypatch.setenv("MMGRAD_BACKEND", "reference")
         w_ref = A.get("pcgrad", seed=3).weights(G)
@@ -156,7 +140,7 @@ def _nash_tol(G: torch.Tensor, a: torch.Tensor) -> float:
 @pytest.mark.parametrize("kind", KINDS)
 def test_nash_newton_matches_torch(K, kind, gen):
     for scale in SCALES:
-        G = _nash_problem(_gram(K, kind, scale, gen))
+        G = _nash_problem(random_gram(K, kind, scale, gen))
         starts = (torch.rsqrt(G.diagonal()),  # cold start (roughly)
                   torch.exp(torch.randn(K, generator=gen, dtype=F64) * 2))  # far from the solution
         for a0 in starts:
@@ -204,7 +188,7 @@ def test_nash_aggregator_matches_reference(kind, gen, monkeypatch):
     for max_norm in (1.0, 0.0):
         cpp, ref = A.get("nash_mtl", max_norm=max_norm), A.get("nash_mtl", max_norm=max_norm)
         for scale in (1.0, 1e-10, 1e10, 1.0):
-            G = _gram(8, kind, scale, gen)
+            G = random_gram(8, kind, scale, gen)
             cpp.load_state_dict(ref.state_dict())
             w = cpp.weights(G)
             with monkeypatch.context() as m:
@@ -224,7 +208,7 @@ def _boom(*args):
 
 
 def test_cpu_tensors_run_the_cpp_solvers_and_the_reference_backend_the_torch_ones(gen, monkeypatch):
-    G = _gram(5, "full", 1.0, gen)
+    G = random_gram(5, "full", 1.0, gen)
     monkeypatch.setattr(projection, "pcgrad_coefficients_torch", _boom)
     monkeypatch.setattr(projection, "gradvac_coefficients_torch", _boom)
     monkeypatch.setattr(nash, "nash_newton_torch", _boom)
@@ -276,7 +260,7 @@ def test_bad_arguments_get_clear_errors():
 
 
 def test_custom_ops_pass_opcheck(gen):
-    G = _gram(4, "full", 1.0, gen)
+    G = random_gram(4, "full", 1.0, gen)
     order = _orders(4, gen)
     torch.library.opcheck(projection.pcgrad_coefficients, (G, order))
     torch.library.opcheck(projection.gradvac_coefficients,

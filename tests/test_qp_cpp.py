@@ -12,7 +12,7 @@ singular up to the 1e-12 ridge (see ``_tol``).
 
 import pytest
 import torch
-from conftest import REQUIRE_CPP
+from conftest import REQUIRE_CPP, random_gram
 
 import mmgrad
 from mmgrad import ops
@@ -41,23 +41,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:
-    """A float64 K x K Gram matrix of K random rows of the given kind, times ``scale``."""
-    P = 4 * K + 3
-    rank = max(1, K // 3) if kind == "low_rank" else K
-    J = torch.randn(K, rank, generator=gen, dtype=F64) @ torch.randn(rank, P, generator=gen, dtype=F64)
-    if kind == "zero_rows":
-        J[::3] = 0
-    elif kind == "duplicates" and K > 1:
-        J[1::2] = J[0::2][: K // 2]
-    elif kind == "near_parallel" and K > 1:
-        J[1:] = J[0] + 1e-6 * J[1:]
-    if kind == "float32_gram":  # what the aggregators see: a float32 Gram, slightly indefinite
-        return ops.gram(J.float()).to(F64) * scale
-    G = J @ J.T  # a float64 matmul is symmetric only to rounding; ops.gram's output is exactly
-    return (G + G.T) / 2 * scale
 
 
 def _normalized(G: torch.Tensor) -> torch.Tensor:
@@ -93,7 +76,7 @@ def _cagrad_inputs(Gn: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tens
 
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_dual_cone_matches_torch(K, kind, scale, gen):
-    Gn = _normalized(_gram(K, kind, scale, gen))
+    Gn = _normalized(random_gram(K, kind, scale, gen))
     pref = torch.rand(K, generator=gen, dtype=F64) + 0.1
     U = torch.cat([torch.diag(pref), pref.unsqueeze(0), torch.rand(2, K, generator=gen, dtype=F64) - 0.3])
     for reg in (1e-4, 0.0):
@@ -106,7 +89,7 @@ def test_dual_cone_matches_torch(K, kind, scale, gen):
 
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
-    Gn = _normalized(_gram(K, kind, scale, gen))
+    Gn = _normalized(random_gram(K, kind, scale, gen))
     iters = _qp.default_iters(K)
     want = _qp.min_norm_simplex_torch(Gn, iters)
     got = C.min_norm_simplex(Gn, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
@@ -118,7 +101,7 @@ def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
 
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_cagrad_dual_matches_torch(K, kind, scale, gen):
-    Gn = _normalized(_gram(K, kind, scale, gen))
+    Gn = _normalized(random_gram(K, kind, scale, gen))
     iters = _qp.default_iters(K, cagrad.CAGRAD_ITERS)
     for c in (0.1, 0.5, 2.0):
         b, s = _cagrad_inputs(Gn, c)
@@ -132,7 +115,7 @@ def test_cagrad_dual_matches_torch(K, kind, scale, gen):
 def test_small_budgets_agree_before_convergence(K, iters, gen):
     """With a budget too small to identify the active set both sides return the same unconverged
     iterate (the C++ early exit only fires at a fixed point)."""
-    Gn = _normalized(_gram(K, "low_rank", 1.0, gen))
+    Gn = _normalized(random_gram(K, "low_rank", 1.0, gen))
     Gr = Gn + 1e-4 * torch.eye(K, dtype=F64)
     U = torch.eye(K, dtype=F64) / K
     _assert_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
@@ -149,7 +132,7 @@ def test_small_budgets_agree_before_convergence(K, iters, gen):
 def test_asymmetric_gram_takes_the_lu_path(K, kind, gen):
     """A G that is symmetric only to rounding (as a float64 ``J @ J.T``) is factored by LU, as the
     torch solve does, and agrees as well as the exactly symmetric one."""
-    G = _normalized(_gram(K, kind, 1.0, gen))
+    G = _normalized(random_gram(K, kind, 1.0, gen))
     G = G + 1e-16 * torch.triu(torch.rand(K, K, generator=gen, dtype=F64), 1)
     assert not torch.equal(G, G.T)
     Gr = G + 1e-4 * torch.eye(K, dtype=F64)
@@ -199,7 +182,7 @@ def test_functions_route_by_backend(monkeypatch, gen):
     """project_dual_cone / min_norm_simplex / cagrad_dual run the C++ kernel on float64 CPU tensors,
     the torch solver under MMGRAD_BACKEND=reference and for other dtypes."""
     K = 16
-    G = _normalized(_gram(K, "low_rank", 1.0, gen)) + 1e-4 * torch.eye(K, dtype=F64)
+    G = _normalized(random_gram(K, "low_rank", 1.0, gen)) + 1e-4 * torch.eye(K, dtype=F64)
     U = torch.eye(K, dtype=F64) / K
     b, s = _cagrad_inputs(G, 0.5)
     it = _qp.default_iters(K)
@@ -258,7 +241,7 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_custom_ops_pass_opcheck(gen):
     K = 8
-    G = _normalized(_gram(K, "full", 1.0, gen))
+    G = _normalized(random_gram(K, "full", 1.0, gen))
     b, s = _cagrad_inputs(G, 0.5)
     torch.library.opcheck(_qp._project_dual_cone_op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
     torch.library.opcheck(_qp._min_norm_simplex_op, (G, 10, _qp.RIDGE, _qp.TOL))
