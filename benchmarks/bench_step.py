@@ -6,14 +6,17 @@ per-parameter gradient copies) and against plain training, in one run.
 Reported: the gradient-editing part alone (between the last backward and ``optimizer.step()``)
 and the whole step (forward, backward(s), edit, SGD step).
 
-Usage: ``python benchmarks/bench_step.py [--device cuda] [--batch 8] [--size 64] [--out FILE]``.
+Usage: ``python benchmarks/bench_step.py [--device cuda] [--batch 8] [--size 64] [--rounds 3] [--out FILE]``.
+Each step kind is timed in fresh processes of its own, interleaved over rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import subprocess
 import sys
 import time
 
@@ -237,6 +240,9 @@ def step_functions(model, a, v, y) -> dict:
         return time.perf_counter() - t0
 
     def sgd_step_only():
+        plain_opt.zero_grad()  # fresh gradients (untimed), so that the step has work to do
+        out, *_ = model(a, v)
+        F.cross_entropy(out, y).backward()
         sync(device)
         t0 = time.perf_counter()
         plain_opt.step()
@@ -250,44 +256,84 @@ def step_functions(model, a, v, y) -> dict:
     }
 
 
+#: The step kinds main() times, each in processes of its own (see ``_time_in_subprocess``).
+TIMED_KINDS = ("plain", "plain_three_losses", "sgd_step_only", "reference_ogm_ge", "mmgrad_ogm_ge",
+               "reference_mmpareto", "mmgrad_mmpareto")
+
+
+def _time_kind(kind: str, device: torch.device, batch: int, size: int, repeat: int) -> tuple[float, float]:
+    model, a, v, y = make_inputs(device, batch, size)
+    return timed(step_functions(model, a, v, y)[kind], device, repeat)
+
+
+def _time_in_subprocess(kind: str, args) -> tuple[float, float]:
+    """Median (whole step, edit) seconds of ``kind`` in a fresh process. Each kind runs alone, as a
+    user's training would: in one process the earlier kinds would leave the CPU allocator's heap
+    warm (or fragmented) for the later ones, which moved the mmgrad / plain ratio by up to 30 %."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--kind", kind, "--device", args.device,
+           "--batch", str(args.batch), "--size", str(args.size), "--repeat", str(args.repeat),
+           "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    whole, edit = json.loads(out.strip().splitlines()[-1])
+    return whole, edit
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=64, help="input height and width")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=5, help="timed steps per process (median)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="processes per step kind, interleaved across kinds (median over rounds)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--kind", choices=TIMED_KINDS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, a, v, y = make_inputs(device, args.batch, args.size)
-    steps = step_functions(model, a, v, y)
-    plain, plain_three_losses, sgd_step_only = steps["plain"], steps["plain_three_losses"], steps["sgd_step_only"]
-    ref_ogm, mm_ogm, ref_pareto, mm_pareto = (
-        steps["reference_ogm_ge"], steps["mmgrad_ogm_ge"], steps["reference_mmpareto"], steps["mmgrad_mmpareto"]
-    )
+    if args.kind is not None:  # a child of _time_in_subprocess
+        print(json.dumps(_time_kind(args.kind, device, args.batch, args.size, args.repeat)))
+        return
+    samples = {kind: [] for kind in TIMED_KINDS}
+    for _ in range(args.rounds):
+        for kind in TIMED_KINDS:
+            samples[kind].append(_time_in_subprocess(kind, args))
+
+    def median(kind, part):
+        values = sorted(s[part] for s in samples[kind])
+        return values[len(values) // 2]
+
+    def spread(kind):
+        values = [s[0] for s in samples[kind]]
+        return min(values), max(values)
+
+    t_plain, t_plain3 = median("plain", 0), median("plain_three_losses", 0)
+    t_sgd = median("sgd_step_only", 1)
+    rows = []
+    for label, ref, mm, base in (("OGM-GE", "reference_ogm_ge", "mmgrad_ogm_ge", t_plain),
+                                 ("MMPareto", "reference_mmpareto", "mmgrad_mmpareto", t_plain3)):
+        t_ref, e_ref = median(ref, 0), median(ref, 1)
+        t_mm, e_mm = median(mm, 0), median(mm, 1) - t_sgd  # the mmgrad kinds time edit + SGD step
+        ratios = sorted(s[0] / p[0] for s, p in zip(samples[mm], samples["plain" if label == "OGM-GE" else "plain_three_losses"]))
+        rows.append([label, 1e3 * base, 1e3 * t_ref, 1e3 * t_mm, t_mm / base,
+                     f"{ratios[0]:.2f}-{ratios[-1]:.2f}", 1e3 * e_ref, 1e3 * e_mm, e_ref / e_mm])
+    header = ["method", "plain step ms", "reference-style step ms", "mmgrad step ms", "mmgrad / plain",
+              "per-round ratios", "reference edit ms", "mmgrad edit ms", "edit speed-up"]
+    model, *_ = make_inputs(torch.device("cpu"), 1, 8)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = sum(1 for _ in model.audio.parameters()) + sum(1 for _ in model.visual.parameters())
-    t_plain, _ = timed(plain, device, args.repeat)
-    t_plain3, _ = timed(plain_three_losses, device, args.repeat)
-    _, t_sgd = timed(sgd_step_only, device, args.repeat)
-    rows = []
-    t_ref, e_ref = timed(ref_ogm, device, args.repeat)
-    t_mm, e_mm = timed(mm_ogm, device, args.repeat)
-    e_mm -= t_sgd  # mm_ogm timed edit + SGD step
-    rows.append(["OGM-GE", 1e3 * t_plain, 1e3 * t_ref, 1e3 * t_mm, t_mm / t_plain, 1e3 * e_ref, 1e3 * e_mm, e_ref / e_mm])
-    t_ref, e_ref = timed(ref_pareto, device, args.repeat)
-    t_mm, e_mm = timed(mm_pareto, device, args.repeat)
-    e_mm -= t_sgd
-    rows.append(["MMPareto", 1e3 * t_plain3, 1e3 * t_ref, 1e3 * t_mm, t_mm / t_plain3, 1e3 * e_ref, 1e3 * e_mm, e_ref / e_mm])
-    header = ["method", "plain step ms", "reference-style step ms", "mmgrad step ms", "mmgrad / plain",
-              "reference edit ms", "mmgrad edit ms", "edit speed-up"]
     text = "\n".join([
         f"## Training step, two ResNet-18 encoders, {machine_description(device)}, ops backend `{ops.resolve_backend(device)}`",
         "",
-        f"`python benchmarks/bench_step.py --batch {args.batch} --size {args.size}{' --device ' + args.device if args.device != 'cpu' else ''}`: "
-        f"{n_tensors} encoder tensors, {n_params / 1e6:.1f}M parameters, batch {args.batch} of {args.size}x{args.size} inputs, "
-        f"median of {args.repeat}. Plain = one backward of the loss(es) the method uses, summed (MMPareto: fused + two unimodal). "
-        f"The SGD step alone takes {1e3 * t_sgd:.1f} ms and is subtracted from mmgrad's timed step to give its edit time.",
+        f"`python benchmarks/bench_step.py --batch {args.batch} --size {args.size} --repeat {args.repeat} --rounds {args.rounds}"
+        f"{' --device ' + args.device if args.device != 'cpu' else ''}`: "
+        f"{n_tensors} encoder tensors, {n_params / 1e6:.1f}M parameters, batch {args.batch} of {args.size}x{args.size} inputs. "
+        f"Every step kind runs in a fresh process of its own ({args.rounds} rounds, kinds interleaved; median over rounds "
+        f"of each process's median of {args.repeat} steps). Plain = one backward of the loss(es) the method uses, summed "
+        f"(MMPareto: fused + two unimodal). The SGD step alone takes {1e3 * t_sgd:.1f} ms and is subtracted from "
+        "mmgrad's timed step to give its edit time.",
         "",
         markdown_table(header, rows),
         "",
