@@ -19,44 +19,11 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu/small_dense.h"
+
 namespace mmgrad {
 namespace cpu {
 namespace {
-
-// Factors the symmetric K x K matrix u (row-major, upper triangle read) in place into U with
-// U^T U = u, upper triangle. Right-looking, so the trailing update is a contiguous row update
-// (vectorisable without reordering any sum). False when a pivot is not positive (or NaN): the
-// matrix is not numerically positive definite.
-bool cholesky_upper(double* u, int64_t K) {
-  for (int64_t k = 0; k < K; ++k) {
-    double* uk = u + k * K;
-    if (!(uk[k] > 0)) return false;
-    const double pivot = std::sqrt(uk[k]);
-    uk[k] = pivot;
-    for (int64_t j = k + 1; j < K; ++j) uk[j] /= pivot;
-    for (int64_t i = k + 1; i < K; ++i) {
-      const double f = uk[i];
-      double* ui = u + i * K;
-      for (int64_t j = i; j < K; ++j) ui[j] -= f * uk[j];
-    }
-  }
-  return true;
-}
-
-// x <- (U^T U)^{-1} x for the factor of cholesky_upper.
-void cholesky_solve(const double* u, double* x, int64_t K) {
-  for (int64_t k = 0; k < K; ++k) {  // U^T y = x, column by column
-    const double* uk = u + k * K;
-    x[k] /= uk[k];
-    for (int64_t j = k + 1; j < K; ++j) x[j] -= uk[j] * x[k];
-  }
-  for (int64_t i = K - 1; i >= 0; --i) {  // U x = y, row by row from the bottom
-    const double* ui = u + i * K;
-    double s = x[i];
-    for (int64_t j = i + 1; j < K; ++j) s -= ui[j] * x[j];
-    x[i] = s / ui[i];
-  }
-}
 
 at::Tensor nash_newton(const at::Tensor& G_in, const at::Tensor& alpha0, int64_t iters) {
   const char* op = "mmgrad_C::nash_newton";

@@ -16,6 +16,8 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cpu/small_dense.h"
+
 namespace mmgrad {
 namespace cpu {
 namespace {
@@ -23,20 +25,6 @@ namespace {
 // Rows per parallel task: one task below ~2^20 multiply-adds (K^2 per row), where waking the
 // thread pool costs more than the loop.
 int64_t rows_per_task(int64_t K) { return std::max<int64_t>(1, (int64_t(1) << 20) / (K * K)); }
-
-// Four interleaved partial sums: a single running sum would wait on each addition's latency.
-double dot(const double* a, const double* b, int64_t n) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    s0 += a[k] * b[k];
-    s1 += a[k + 1] * b[k + 1];
-    s2 += a[k + 2] * b[k + 2];
-    s3 += a[k + 3] * b[k + 3];
-  }
-  for (; k < n; ++k) s0 += a[k] * b[k];
-  return (s0 + s1) + (s2 + s3);
-}
 
 // G (K, K) float64 and order (K, K) int64 with entries in [0, K); returns K.
 int64_t check_inputs(const at::Tensor& G, const at::Tensor& order, const char* op) {

@@ -24,24 +24,11 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/small_dense.h"
+
 namespace mmgrad {
 namespace cpu {
 namespace {
-
-// Four independent partial sums: the dependent add chain of a plain loop would bound it by the
-// add latency, not the multiply-add throughput.
-double dot(const double* a, const double* b, int64_t n) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t k = 0;
-  for (; k + 4 <= n; k += 4) {
-    s0 += a[k] * b[k];
-    s1 += a[k + 1] * b[k + 1];
-    s2 += a[k + 2] * b[k + 2];
-    s3 += a[k + 3] * b[k + 3];
-  }
-  for (; k < n; ++k) s0 += a[k] * b[k];
-  return (s0 + s1) + (s2 + s3);
-}
 
 // torch.maximum: NaN if either operand is NaN.
 double nan_max(double a, double b) {
@@ -103,17 +90,8 @@ class FaceSolver {
   void solve(double* x) const {
     const int64_t n = n_;
     const double* A = A_.data();
-    if (cholesky_) {  // R^T R x = b with R upper triangular
-      for (int64_t r = 0; r < n; ++r) {
-        const double* Rr = A + r * n;
-        const double xr = x[r] / Rr[r];
-        x[r] = xr;
-        for (int64_t c = r + 1; c < n; ++c) x[c] -= xr * Rr[c];
-      }
-      for (int64_t r = n - 1; r >= 0; --r) {
-        const double* Rr = A + r * n;
-        x[r] = (x[r] - dot(Rr + r + 1, x + r + 1, n - r - 1)) / Rr[r];
-      }
+    if (cholesky_) {
+      cholesky_solve(A, x, n);
       return;
     }
     for (int64_t r = 0; r < n; ++r) std::swap(x[r], x[piv_[r]]);
@@ -140,25 +118,11 @@ class FaceSolver {
     }
   }
 
-  // Upper factor R (R^T R = M) in the upper triangle of A_, row k of R computed from the updated
-  // row k of M; false at a pivot that is not positive (or NaN).
+  // Upper factor R (R^T R = M) in the upper triangle of A_; false at a pivot that is not
+  // positive (or NaN).
   bool cholesky(const int64_t* free) {
     gather(free, true);
-    const int64_t n = n_;
-    double* A = A_.data();
-    for (int64_t k = 0; k < n; ++k) {
-      double* Rk = A + k * n;
-      if (!(Rk[k] > 0.0)) return false;
-      const double d = std::sqrt(Rk[k]);
-      Rk[k] = d;
-      for (int64_t c = k + 1; c < n; ++c) Rk[c] /= d;
-      for (int64_t i = k + 1; i < n; ++i) {
-        double* Ai = A + i * n;
-        const double l = Rk[i];
-        for (int64_t c = i; c < n; ++c) Ai[c] -= l * Rk[c];
-      }
-    }
-    return true;
+    return cholesky_upper(A_.data(), n_);
   }
 
   // LU with partial pivoting (row swaps recorded LAPACK-style in piv_). An exactly zero pivot is
