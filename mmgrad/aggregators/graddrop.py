@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad.reference import accumulation_dtype
 
 from .base import Aggregator, SeededMixin, check_matrix
 
@@ -31,17 +32,13 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _drop_blocks(J: torch.Tensor, draws: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor],
                  leak: Optional[tuple[torch.Tensor, torch.Tensor]], block: Optional[int]) -> torch.Tensor:
     """The torch path: GradDrop of ``J`` (K, P) with the uniforms ``draws`` (P,), blocked over the
     columns (no Python loop over rows, no host sync). ``leak``: (leak, 1 - leak) as (K, 1) columns
     in the accumulation dtype, or None."""
     K, P = J.shape
-    acc = _acc_dtype(J.dtype)
+    acc = accumulation_dtype(J.dtype)
     out = torch.empty(P, dtype=J.dtype, device=J.device)
     if P == 0:
         return out
@@ -90,7 +87,7 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
     columns per block)."""
     if J.dtype in _FUSED_DTYPES and ops.resolve_backend(J.device) == "cpp":
         return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
-    acc = _acc_dtype(J.dtype)
+    acc = accumulation_dtype(J.dtype)
     n = J.shape[1] if index is None else None
     draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc)
     leak_column = None if leak is None else leak.unsqueeze(1)
@@ -144,7 +141,7 @@ class GradDrop(SeededMixin, Aggregator):
         matrix (a shard of it): the random draws are those of the whole matrix at these columns."""
         check_matrix(J)
         K, P = J.shape
-        acc = _acc_dtype(J.dtype)
+        acc = accumulation_dtype(J.dtype)
         leak = self._leak_for(K, J.device, acc)
         index = None if columns is None else columns.to(J.device)
         if self.f is _identity and J.device.type == "cpu":
