@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from mmgrad import ops
-
 from ._linalg import solve
+from .base import use_cpp_solver
 
 #: Default budgets. With the pivoting rule below the active set is identified in 1-8 iterations for
 #: random K <= 64 problems of every rank (measured; rare rank-deficient K >= 16 cases need ~20);
@@ -69,12 +68,6 @@ def _exchange(infeasible: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     mask = infeasible & (full.unsqueeze(-1) | (idx == last))
     tries = torch.where(better, BACKUP, tries - 1)
     return mask, (torch.minimum(n, best), tries)
-
-
-def use_cpp_solver(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ solvers serve these tensors: float64 on the CPU, C++ backend selected."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
-            and ops.resolve_backend(tensors[0].device) == "cpp")
 
 
 def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int | None = None,

@@ -43,6 +43,13 @@ def to_solve(G: torch.Tensor) -> torch.Tensor:
     return G.detach().to(solve_dtype(G.device))
 
 
+def use_cpp_solver(*tensors: torch.Tensor) -> bool:
+    """Whether a solver's C++ kernel serves these tensors: float64 on the CPU (what ``to_solve``
+    gives there) with the C++ backend selected; otherwise the solver's torch code runs."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
+            and ops.resolve_backend(tensors[0].device) == "cpp")
+
+
 def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``G / trace(G)`` (zero matrix when ``trace <= eps`` or not finite), and the trace.
 

@@ -7,8 +7,8 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import solve
-from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters, use_cpp_solver
-from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
+from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
 
 #: Cap of the default budget ``min(CAGRAD_ITERS, K + 2)`` of :func:`cagrad_dual` iterations (each
 #: one masked K x K solve with 2 right-hand sides).

@@ -6,10 +6,9 @@ from typing import Any, Optional
 
 import torch
 
-from mmgrad import ops
 
 from ._linalg import solve
-from .base import Aggregator, check_gram, to_solve
+from .base import Aggregator, check_gram, to_solve, use_cpp_solver
 
 #: Ridge added to the Frobenius-normalised Gramian so that the barrier problem has a minimiser
 #: even when a positive combination of the gradients vanishes (torchjd's ECOS path fails there).
@@ -40,7 +39,7 @@ def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tens
     """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ extension built
     (``ops.resolve_backend`` says ``"cpp"``) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,
     and the loop stops early once an iteration leaves ``a`` unchanged bit for bit)."""
-    if G.dtype == torch.float64 and ops.resolve_backend(G.device) == "cpp":
+    if use_cpp_solver(G):
         return torch.ops.mmgrad_C.nash_newton(G, alpha0, iters)
     a = nash_newton_torch(G, alpha0, iters)
     return a.clone() if a is alpha0 else a  # iters == 0: a custom op's output may not alias its input

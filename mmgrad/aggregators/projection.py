@@ -20,9 +20,8 @@ from typing import Any, Optional
 
 import torch
 
-from mmgrad import ops
 
-from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve
+from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
 
 
 def _orders(K: int, uniform) -> torch.Tensor:
@@ -86,15 +85,10 @@ def gradvac_coefficients_torch(G: torch.Tensor, order: torch.Tensor, phi_t: torc
     return C, phi_t
 
 
-def _use_cpp(G: torch.Tensor) -> bool:
-    """The C++ loops serve float64 CPU matrices (``to_solve``'s output) when the policy picks C++."""
-    return G.dtype == torch.float64 and ops.resolve_backend(G.device) == "cpp"
-
-
 @torch.library.custom_op("mmgrad::pcgrad_coefficients", mutates_args=())
 def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """:func:`pcgrad_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
-    if _use_cpp(G):
+    if use_cpp_solver(G):
         return torch.ops.mmgrad_C.pcgrad_coefficients(G, order)
     return pcgrad_coefficients_torch(G, order)
 
@@ -108,7 +102,7 @@ def _(G, order):
 def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gradvac_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
-    if _use_cpp(G):
+    if use_cpp_solver(G):
         return torch.ops.mmgrad_C.gradvac_coefficients(G, order, phi_t, beta, eps)
     return gradvac_coefficients_torch(G, order, phi_t, beta, eps)
 
