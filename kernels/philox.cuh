@@ -9,13 +9,10 @@
 
 #include <cstdint>
 
+#include "philox_constants.h"  // csrc/: the round constants the CPU kernels use too
+
 namespace mmgrad {
 namespace cuda {
-
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 __device__ __forceinline__ uint4 philox4x32_10(uint64_t counter, uint64_t key) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);

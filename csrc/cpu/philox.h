@@ -1,16 +1,14 @@
-// Philox4x32-10 constants and scalar helper (mmgrad.reference.philox4x32), and the constants of the
-// counter-based Gaussian noise (mmgrad.reference.philox_normal).
+// Philox4x32-10 scalar helper (mmgrad.reference.philox4x32; round constants in
+// philox_constants.h), and the constants of the counter-based Gaussian noise
+// (mmgrad.reference.philox_normal).
 #pragma once
 
 #include <cstdint>
 
+#include "philox_constants.h"
+
 namespace mmgrad {
 namespace cpu {
-
-constexpr uint32_t kPhiloxM0 = 0xD2511F53u;
-constexpr uint32_t kPhiloxM1 = 0xCD9E8D57u;
-constexpr uint32_t kPhiloxW0 = 0x9E3779B9u;
-constexpr uint32_t kPhiloxW1 = 0xBB67AE85u;
 
 // First output word of Philox4x32-10 on the counter (lo32(index), hi32(index), 0, 0) with key
 // (lo32(key), hi32(key)), as mmgrad.reference.philox4x32.
