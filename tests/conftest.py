@@ -93,6 +93,16 @@ def gen(request):
     return g
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny tensors gain nothing from more, and on a busy shared
+    machine waking a descheduled OpenMP worker can stretch a call from microseconds to seconds."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

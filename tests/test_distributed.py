@@ -32,6 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmgrad
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny references: more threads only contend
+
 B = 4  # samples per rank per micro-batch
 STEPS = 3
 TOL = dict(rtol=1e-10, atol=1e-12)  # observed: at most ~1e-16 apart
@@ -270,15 +272,6 @@ def run_job(job, world):
 
 def scenario(name, world, job=None):
     return [{k[1]: v for k, v in res.items() if k[0] == name} for res in run_job(job or world, world)]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The references are tiny: several threads only contend (and this machine is shared).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _check_ranks_agree(results, name):

@@ -28,19 +28,10 @@ CASE_IDS = [f"K{K}-{kind}-{s:g}" for K, kind, s in CASES]
 _cpp_missing = ops.available_backends("cpu")["cpp"]
 if _cpp_missing is not None and REQUIRE_CPP:
     raise RuntimeError(f"MMGRAD_REQUIRE_CPP=1 but the C++ backend is unavailable: {_cpp_missing}")
-pytestmark = pytest.mark.skipif(_cpp_missing is not None, reason=f"no C++ backend: {_cpp_missing}")
+pytestmark = [pytest.mark.skipif(_cpp_missing is not None, reason=f"no C++ backend: {_cpp_missing}"),
+              pytest.mark.usefixtures("one_thread")]  # the torch solvers' tiny ops: one thread
 
 C = torch.ops.mmgrad_C if _cpp_missing is None else None
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The torch solvers' many tiny ops each wake the intra-op pool; on a loaded machine waiting
-    for a descheduled worker made single calls take seconds."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _normalized(G: torch.Tensor) -> torch.Tensor:

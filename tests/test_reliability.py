@@ -283,16 +283,6 @@ def _long_run(method_name: str, steps: int):
     return times, rss
 
 
-@pytest.fixture
-def one_thread():
-    """Step time is compared across a run: one intra-op thread keeps other processes on a busy
-    machine from stretching OpenMP barriers and deciding the comparison."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _assert_flat(times, rss, mem_bound=16 * 2**20):
     n = len(times)
     early = sorted(times[n // 10 : n // 5])
