@@ -36,10 +36,10 @@ def nash_newton_torch(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torc
 
 @torch.library.custom_op("mmgrad::nash_newton", mutates_args=())
 def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
-    """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ extension built
-    (``ops.resolve_backend`` says ``"cpp"``) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,
+    """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ backend selected
+    (:func:`use_cpp_solver`) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,
     and the loop stops early once an iteration leaves ``a`` unchanged bit for bit)."""
-    if use_cpp_solver(G):
+    if use_cpp_solver(G, alpha0):
         return torch.ops.mmgrad_C.nash_newton(G, alpha0, iters)
     a = nash_newton_torch(G, alpha0, iters)
     return a.clone() if a is alpha0 else a  # iters == 0: a custom op's output may not alias its input

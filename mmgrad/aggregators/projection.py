@@ -8,7 +8,7 @@ algorithms run side by side: step ``t`` treats pair ``(i, order[i, t])`` for eve
 stream (:class:`SeededMixin`) on ``G``'s device (``rand(K, K).argsort(1)``), never the global RNG,
 and never on the host.
 
-On CPU tensors with the C++ extension built (``ops.resolve_backend`` says ``"cpp"``) the coefficient
+On float64 CPU tensors with the C++ backend selected (:func:`use_cpp_solver`) the coefficient
 loops run in C++ (``csrc/cpu/projection.cpp``: each row's K steps in turn, same arithmetic); elsewhere
 the torch solvers below (``*_torch``) run. Both are wrapped in one custom op per method, so
 ``torch.compile`` sees a single opaque call either way.
@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-
 
 from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
 
