@@ -4,6 +4,7 @@ Triton kernels run on CPU tensors under TRITON_INTERPRET=1, which must be set be
 imported; without a GPU the suite sets it so every Triton kernel is exercised here too.
 """
 
+import contextlib
 import os
 import zlib
 
@@ -62,6 +63,20 @@ def random_segments(N, sizes, gen, device, gap_max=40):
     offsets = torch.tensor(offs, dtype=torch.int64)[perm]
     numels = torch.tensor(sizes, dtype=torch.int64)[perm]
     return offsets.to(device), numels.to(device)
+
+
+@contextlib.contextmanager
+def host_sync_raises():
+    """Run the block with ``torch.cuda.set_sync_debug_mode("error")``: any host synchronisation
+    inside it raises. Synchronises first, so that earlier work (warm-up, compilation) is not
+    blamed; restores the previous mode on the way out."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def random_gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.Tensor:

@@ -16,6 +16,8 @@ from mmgrad.aggregators import _linalg, _qp
 from mmgrad.aggregators.base import normalize_trace
 from mmgrad.reference import philox4x32
 
+from conftest import host_sync_raises
+
 F64 = torch.float64
 KS = (1, 2, 3, 8, 64)
 KINDS = ("full", "lowrank", "zero_rows", "duplicate", "near_parallel", "conflicting")
@@ -460,15 +462,10 @@ def test_cuda_sync_free(name):
         J = make_matrix(K, "conflicting", 1.0, dtype=torch.float32).cuda()
         agg = A.get(name)
         agg(J)  # warm-up: lazy per-device caches (generators, index tables) are built here
-        torch.cuda.synchronize()
-        prev = torch.cuda.get_sync_debug_mode()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
+        with host_sync_raises():
             d = agg(J)
             if agg.gramian_based:
                 agg.weights(ops.gram(J))
-        finally:
-            torch.cuda.set_sync_debug_mode(prev)
         ref = A.get(name)(J.cpu())
         if name not in ("pcgrad", "gradvac", "graddrop"):  # different RNG streams on CUDA
             assert torch.allclose(d.cpu(), ref, rtol=1e-4, atol=1e-5), name

@@ -7,6 +7,8 @@ import torch
 
 from mmgrad import ops
 
+from conftest import host_sync_raises
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 
@@ -39,12 +41,8 @@ def test_default_backend_on_cuda_is_triton():
 def test_every_op_is_sync_free():
     args = _inputs()
     _all_ops(*args)  # compile the kernels first: compilation may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_sync_raises():
         _all_ops(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
 
@@ -114,10 +112,6 @@ def test_a_balanced_training_step_is_sync_free_with_a_fused_optimizer(method):
         opt.step()
 
     step()  # warm-up: kernel compilation and lazy state may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_sync_raises():
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert all(torch.isfinite(p).all() for p in params)

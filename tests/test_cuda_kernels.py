@@ -24,7 +24,7 @@ import torch
 
 from mmgrad import _extension, env, ops
 from mmgrad import reference as ref
-from conftest import random_segments
+from conftest import host_sync_raises, random_segments
 
 
 def _cuda_backend_missing():
@@ -539,12 +539,8 @@ def _inputs(gen, P=1_000_003):
 def test_every_op_is_sync_free(gen):
     args = _inputs(gen)
     _all_ops(*args)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_sync_raises():
         _all_ops(*args)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
 
 

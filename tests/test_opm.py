@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mmgrad
-from conftest import backend_cases
+from conftest import backend_cases, host_sync_raises
 from mmgrad import ops
 from mmgrad.methods.opm import OPM, OPMOutput, opm_drop_probabilities, others_sum_ratio
 from mmgrad.reference import philox4x32
@@ -453,12 +453,8 @@ def test_training_forward_and_loss_are_sync_free_on_cuda():
         OPM.loss(head(torch.cat(list(out.features.values()), 1)), y, out).backward()
 
     step()  # compile / warm up
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_sync_raises():
         step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 # --- end to end -------------------------------------------------------------------------------------

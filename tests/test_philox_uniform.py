@@ -19,7 +19,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import backend_cases
+from conftest import backend_cases, host_sync_raises
 from mmgrad import ops
 from mmgrad.aggregators.graddrop import GradDrop
 from mmgrad.aggregators.projection import PCGrad
@@ -286,11 +286,8 @@ def test_cuda_draws_are_sync_free_and_graph_replayable():
     torch.cuda.synchronize()
     counter.fill_(2**32 - 10)
     gd.reset()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with host_sync_raises():
         u, v, _ = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     ref = loop_uniform(7, [2**32 - 10 + i for i in range(100_003)], torch.float32)
     assert torch.equal(u.cpu(), ref)
     assert torch.equal(v.cpu(), loop_uniform(7, [2**32 - 10 + i for i in index.tolist()], torch.float64))

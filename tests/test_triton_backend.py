@@ -36,7 +36,7 @@ if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
 from mmgrad import reference as ref  # noqa: E402
 import mmgrad.triton as mt  # noqa: E402
 from mmgrad.triton import kernels as mt_kernels  # noqa: E402
-from conftest import random_segments  # noqa: E402
+from conftest import host_sync_raises, random_segments  # noqa: E402
 from mmgrad.triton import segments as mt_segments  # noqa: E402
 
 # The fp32 overflow / underflow cases make numpy (inside the interpreter) warn; that is expected.
@@ -517,12 +517,8 @@ def test_no_host_sync_and_cuda_graph_capture(gen):
         return G, c, m, SG, J2.clone(), x.clone()
 
     eager = step()  # compiles the kernels
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation now raises
-    try:
+    with host_sync_raises():
         again = step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(eager, again):
         assert torch.equal(a, b)
 
