@@ -76,9 +76,5 @@ int dtype_index(const at::Tensor& t, const char* op, const char* arg) {
   return -1;
 }
 
-at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 }  // namespace cpu
 }  // namespace mmgrad

@@ -5,6 +5,8 @@
 
 #include <cstdint>
 
+#include "segment_table.h"  // accumulation_dtype
+
 namespace mmgrad {
 namespace cpu {
 
@@ -13,8 +15,6 @@ enum DtypeIndex { kHalf = 0, kBF16 = 1, kFloat = 2, kDouble = 3 };
 
 // Index of a supported data dtype; fails with a message naming the op and the argument.
 int dtype_index(const at::Tensor& t, const char* op, const char* arg);
-// float64 for float64 data, float32 for the 16- and 32-bit float dtypes.
-at::ScalarType accumulation_dtype(at::ScalarType t);
 
 // Scalars cross the table as double (exact for float), vectors as raw pointers.
 struct SegmentKernels {

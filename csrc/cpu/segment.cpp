@@ -15,6 +15,7 @@
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
 #include "cpu/philox.h"
+#include "segment_table.h"
 
 #define MMG_KERNEL_FILE "cpu/segment_kernels.inc"
 #include "cpu/for_each_isa.h"
@@ -73,17 +74,7 @@ at::Tensor check_param(const at::Tensor& t, int64_t S, at::ScalarType acc, const
 // Validates the segment table against a buffer of N elements and lists the chunks.
 Table make_table(const at::Tensor& offsets, const at::Tensor& numels, int64_t N,
                  bool require_disjoint, const char* op) {
-  for (auto* p : {&offsets, &numels}) {
-    const char* arg = p == &offsets ? "offsets" : "numels";
-    TORCH_CHECK(p->device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ",
-                p->device());
-    TORCH_CHECK(p->scalar_type() == at::kLong, op, ": ", arg, " must be int64, got ",
-                p->scalar_type());
-    TORCH_CHECK(p->dim() == 1, op, ": ", arg, " must be 1-D, got shape ", p->sizes());
-  }
-  TORCH_CHECK(offsets.numel() == numels.numel(), op,
-              ": offsets and numels must have the same length, got ", offsets.numel(), " and ",
-              numels.numel());
+  check_segment_table(offsets, numels, at::Device(at::kCPU), op);
   const at::Tensor off_c = offsets.contiguous(), num_c = numels.contiguous();
   const int64_t* off = off_c.data_ptr<int64_t>();
   const int64_t* num = num_c.data_ptr<int64_t>();

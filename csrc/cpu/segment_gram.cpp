@@ -15,6 +15,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/matrix_common.h"
+#include "segment_table.h"
 
 namespace mmgrad {
 namespace cpu {
@@ -31,12 +32,7 @@ struct ColumnChunk {
 // Validates (offsets, numels) against P columns and lists the work items in segment order.
 std::vector<ColumnChunk> column_chunks(const at::Tensor& offsets, const at::Tensor& numels, int64_t P,
                                        const char* op) {
-  TORCH_CHECK(offsets.device().is_cpu() && numels.device().is_cpu(), op,
-              ": offsets and numels must be CPU tensors");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && numels.scalar_type() == at::kLong, op,
-              ": offsets and numels must be int64");
-  TORCH_CHECK(offsets.dim() == 1 && numels.sizes() == offsets.sizes(), op,
-              ": offsets and numels must be 1-D of equal length");
+  check_segment_table(offsets, numels, at::Device(at::kCPU), op);
   auto o = offsets.contiguous(), n = numels.contiguous();
   const int64_t* op_ = o.data_ptr<int64_t>();
   const int64_t* np_ = n.data_ptr<int64_t>();

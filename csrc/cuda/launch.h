@@ -17,6 +17,7 @@
 #include <limits>
 
 #include "kernels/common.cuh"
+#include "segment_table.h"
 
 namespace mmgrad {
 namespace cuda {
@@ -42,10 +43,6 @@ void dispatch_float(const at::Tensor& t, const char* op, const char* arg, F&& f)
       TORCH_CHECK(false, op, ": ", arg, " must be float16, bfloat16, float32 or float64, got ",
                   t.scalar_type());
   }
-}
-
-inline at::ScalarType accumulation_dtype(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline void check_on(const at::Tensor& t, const at::Device& device, const char* op, const char* arg) {
@@ -105,16 +102,7 @@ struct SegmentTiles {
 
 inline SegmentTiles segment_tiles(const at::Tensor& offsets, const at::Tensor& numels, int64_t n,
                                   int64_t tile, const at::Device& device, const char* op) {
-  for (const at::Tensor* p : {&offsets, &numels}) {
-    const char* arg = p == &offsets ? "offsets" : "numels";
-    check_on(*p, device, op, arg);
-    TORCH_CHECK(p->scalar_type() == at::kLong, op, ": ", arg, " must be int64, got ",
-                p->scalar_type());
-    TORCH_CHECK(p->dim() == 1, op, ": ", arg, " must be 1-D, got shape ", p->sizes());
-  }
-  TORCH_CHECK(offsets.numel() == numels.numel(), op,
-              ": offsets and numels must have the same length, got ", offsets.numel(), " and ",
-              numels.numel());
+  check_segment_table(offsets, numels, device, op);
   SegmentTiles st;
   st.offsets = offsets.contiguous();
   st.numels = numels.contiguous();
