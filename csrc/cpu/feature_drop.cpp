@@ -23,14 +23,6 @@ namespace {
 
 constexpr int64_t kRowTaskElems = int64_t(1) << 15;  // elements per parallel task, roughly
 
-int64_t scalar_int64(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", arg,
-              " must be an int64 tensor with one element, got ", t.scalar_type(), " with ",
-              t.numel(), " elements");
-  return t.reshape({}).item<int64_t>();
-}
-
 // out[c] = keep ? T(acc(z[c]) * sc) : 0 over one row segment.
 template <typename T, typename Acc>
 inline void scale_row(const T* z, T* out, int64_t n, bool keep, Acc sc) {
@@ -64,8 +56,8 @@ std::tuple<at::Tensor, at::Tensor> feature_drop(const at::Tensor& z, at::IntArra
                   drop_prob.size(0) == M,
               op, ": drop_prob must be a float64 tensor of shape (", M, ",), got ",
               drop_prob.scalar_type(), " of shape ", drop_prob.sizes());
-  const uint64_t key = static_cast<uint64_t>(scalar_int64(seed, op, "seed"));
-  const int64_t base = scalar_int64(counter, op, "counter");
+  const uint64_t key = philox_word(seed, op, "seed");
+  const int64_t base = static_cast<int64_t>(philox_word(counter, op, "counter"));
 
   const at::Tensor p_t = drop_prob.contiguous();
   const double* p = p_t.data_ptr<double>();

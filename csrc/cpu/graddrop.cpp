@@ -88,14 +88,6 @@ const GradDropKernels& graddrop_kernels() {
   }
 }
 
-uint64_t stream_word(const at::Tensor& t, const char* op, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", arg,
-              " must be an int64 tensor with one element, got ", t.scalar_type(), " with ",
-              t.numel(), " elements");
-  return static_cast<uint64_t>(t.reshape({}).item<int64_t>());
-}
-
 // torch's cascade_sum run length: 2^max(4, ceil(log2 K) / 4).
 int level_power(int64_t K) {
   int ceil_log2 = 0;
@@ -125,8 +117,8 @@ at::Tensor graddrop(const at::Tensor& J_in, const at::Tensor& seed, const at::Te
   const int di = check_J(J, op);
   const int64_t K = J.size(0), P = J.size(1);
   TORCH_CHECK(K >= 1, op, ": J must have at least one row");
-  const uint64_t key = stream_word(seed, op, "seed");
-  const uint64_t base = stream_word(counter, op, "counter");
+  const uint64_t key = philox_word(seed, op, "seed");
+  const uint64_t base = philox_word(counter, op, "counter");
   const at::ScalarType acc = accumulation_dtype(J.scalar_type());
   at::Tensor keep_w, drop_w;
   if (leak.has_value()) {

@@ -76,5 +76,13 @@ int dtype_index(const at::Tensor& t, const char* op, const char* arg) {
   return -1;
 }
 
+uint64_t philox_word(const at::Tensor& t, const char* op, const char* arg) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", arg, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, op, ": ", arg,
+              " must be an int64 tensor with one element, got ", t.scalar_type(), " with ",
+              t.numel(), " elements");
+  return static_cast<uint64_t>(t.reshape({}).item<int64_t>());
+}
+
 }  // namespace cpu
 }  // namespace mmgrad

@@ -15,6 +15,9 @@ enum DtypeIndex { kHalf = 0, kBF16 = 1, kFloat = 2, kDouble = 3 };
 
 // Index of a supported data dtype; fails with a message naming the op and the argument.
 int dtype_index(const at::Tensor& t, const char* op, const char* arg);
+// The 64 bits of a one-element int64 CPU tensor (a Philox seed or counter); fails with a message
+// naming the op and the argument.
+uint64_t philox_word(const at::Tensor& t, const char* op, const char* arg);
 
 // Scalars cross the table as double (exact for float), vectors as raw pointers.
 struct SegmentKernels {

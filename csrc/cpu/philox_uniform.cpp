@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "cpu/isa.h"
+#include "cpu/kernels.h"
 #include "cpu/philox.h"
 
 namespace mmgrad {
@@ -51,20 +52,11 @@ const UniformKernels& uniform_kernels() {
   }
 }
 
-uint64_t scalar_bits(const at::Tensor& t, const char* arg) {
-  TORCH_CHECK(t.device().is_cpu(), "mmgrad_C::philox_uniform: ", arg,
-              " must be a CPU tensor, got device ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.numel() == 1, "mmgrad_C::philox_uniform: ", arg,
-              " must be an int64 tensor with one element, got ", t.scalar_type(), " with ",
-              t.numel(), " elements");
-  return static_cast<uint64_t>(t.reshape({}).item<int64_t>());
-}
-
 at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& counter, int64_t n,
                           const std::optional<at::Tensor>& index, at::ScalarType dtype) {
   const char* op = "mmgrad_C::philox_uniform";
-  const uint64_t key = scalar_bits(seed, "seed");
-  const uint64_t base = scalar_bits(counter, "counter");
+  const uint64_t key = philox_word(seed, "mmgrad_C::philox_uniform", "seed");
+  const uint64_t base = philox_word(counter, "mmgrad_C::philox_uniform", "counter");
   TORCH_CHECK(n >= 0, op, ": n must be non-negative, got ", n);
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
               ": dtype must be float32 or float64, got ", dtype);

@@ -183,13 +183,7 @@ void segment_scale_(at::Tensor& x, const at::Tensor& offsets, const at::Tensor& 
   const at::Tensor& sd_t = *noise_std;
   const at::Tensor sd64 = check_param(sd_t, S, acc, op, "noise_std").to(at::kDouble);
   const double* sd = sd64.data_ptr<double>();
-  const at::Tensor& seed_t = *seed;
-  TORCH_CHECK(seed_t.device().is_cpu(), op, ": seed must be a CPU tensor, got device ",
-              seed_t.device());
-  TORCH_CHECK(seed_t.scalar_type() == at::kLong && seed_t.numel() == 1, op,
-              ": seed must be an int64 tensor with one element, got ", seed_t.scalar_type(),
-              " with ", seed_t.numel(), " elements");
-  const uint64_t key = static_cast<uint64_t>(seed_t.item<int64_t>());
+  const uint64_t key = philox_word(*seed, op, "seed");
   const auto kern = k.scale_noise[di];
   const int64_t nbuf = k.noise_buf;
   for_chunks(t, [&](int64_t b, int64_t e) {
