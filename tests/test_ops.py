@@ -102,6 +102,23 @@ def test_combine_out_misaligned_aliased_and_bad(case):
         ops.combine(J, w, out=torch.empty(1000, dtype=torch.float64, device=device), backend=backend)
 
 
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shift", [0, 1], ids=["aligned", "misaligned"])
+def test_combine_of_a_large_output_streaming_or_not(case, shift):
+    # Outputs of 8 MiB and more are written with streaming stores on the CPU when 64-byte aligned,
+    # with plain stores otherwise: both must give the fresh result's bits.
+    device, backend = case
+    P = (8 << 20) // 4 + 37
+    J = random_matrix(2, P, torch.float32, device=device)
+    w = torch.randn(2, device=device)
+    expected = J.double().T @ w.double()
+    out = torch.full((P + shift,), float("nan"), device=device)[shift:]
+    ops.combine(J, w, out=out, backend=backend)
+    assert torch.equal(out, ops.combine(J, w, backend=backend))
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_zero_rows_give_zero_gram_entries_and_no_nan(case):
     device, backend = case

@@ -33,6 +33,10 @@ const CombineKernels& combine_kernels() {
 
 namespace {
 
+// Outputs at least this large are written with streaming stores: they would only evict J (still
+// to be read) from the cache. Smaller ones stay cached for whoever reads them next.
+constexpr int64_t kStreamMinBytes = int64_t(8) << 20;
+
 // out = w @ J; out is a contiguous (P,) tensor of J's dtype (validated by the callers).
 void combine_into(const at::Tensor& J, const at::Tensor& w, const at::Tensor& out, int di) {
   const int64_t K = J.size(0), P = J.size(1);
@@ -48,6 +52,8 @@ void combine_into(const at::Tensor& J, const at::Tensor& w, const at::Tensor& ou
   const int64_t tile = 2048, block = int64_t(1) << 16;
   const int64_t nblocks = (P + block - 1) / block;
   const auto kern = gk.combine[di];
+  const bool stream = P * J.element_size() >= kStreamMinBytes &&
+                      reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0;
   at::parallel_for(0, nblocks, 1, [&](int64_t b, int64_t e) {
     Scratch tilebuf(tile * elt + K * gk.vector_bytes), rows(K * sizeof(void*));
     CombineArgs a;
@@ -59,6 +65,7 @@ void combine_into(const at::Tensor& J, const at::Tensor& w, const at::Tensor& ou
     a.tile = tile;
     a.tilebuf = tilebuf.p;
     a.rows = static_cast<const void**>(rows.p);
+    a.stream = stream;
     for (int64_t blk = b; blk < e; ++blk) {
       a.c0 = blk * block;
       a.c1 = std::min(P, a.c0 + block);
@@ -88,8 +95,7 @@ at::Tensor combine(const at::Tensor& J, const at::Tensor& w) {
 
 // Into an existing buffer: no fresh allocation, whose page faults cost more than the arithmetic
 // at small K. Every output column is written after its K inputs are read, so out may be a row of
-// J (the caller routes any other overlap through a copy); its streaming stores need out's data
-// 64-byte aligned, as at::empty and the rows of a contiguous (K, P) J with P % 16 == 0 are.
+// J (the caller routes any other overlap through a copy).
 void combine_out(const at::Tensor& J, const at::Tensor& w, const at::Tensor& out) {
   const char* op = "mmgrad_C::combine_out";
   const int di = check_combine(J, w, op);
@@ -98,11 +104,7 @@ void combine_out(const at::Tensor& J, const at::Tensor& w, const at::Tensor& out
               out.sizes());
   TORCH_CHECK(out.scalar_type() == J.scalar_type(), op, ": out must have J's dtype ", J.scalar_type(),
               ", got ", out.scalar_type());
-  if (reinterpret_cast<uintptr_t>(out.data_ptr()) % 64 == 0) {
-    combine_into(J, w, out, di);
-  } else {  // the streaming stores would fault on a misaligned destination
-    out.copy_(combine(J, w));
-  }
+  combine_into(J, w, out, di);
 }
 
 }  // namespace
