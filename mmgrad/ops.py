@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 import torch
 
 from mmgrad import reference
+from mmgrad._custom_op import custom_op
 from mmgrad._extension import build_info, cpp_error
 
 __all__ = [
@@ -230,7 +231,7 @@ def _kernel(op: str, device: torch.device, backend: Optional[str]):
 # --- custom ops (schemas and fake kernels) ----------------------------------------------------
 
 
-@torch.library.custom_op("mmgrad::gram", mutates_args=())
+@custom_op("mmgrad::gram", mutates_args=())
 def _gram_op(J: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     return _implementation(J.device, backend).gram(J)
 
@@ -240,7 +241,7 @@ def _(J, backend=None):
     return J.new_empty((J.shape[0], J.shape[0]), dtype=reference.accumulation_dtype(J.dtype))
 
 
-@torch.library.custom_op("mmgrad::combine", mutates_args=())
+@custom_op("mmgrad::combine", mutates_args=())
 def _combine_op(J: torch.Tensor, w: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     return _implementation(J.device, backend).combine(J, w)
 
@@ -250,7 +251,7 @@ def _(J, w, backend=None):
     return J.new_empty((J.shape[1],))
 
 
-@torch.library.custom_op("mmgrad::combine_out", mutates_args=("out",))
+@custom_op("mmgrad::combine_out", mutates_args=("out",))
 def _combine_out_op(J: torch.Tensor, w: torch.Tensor, out: torch.Tensor, backend: Optional[str] = None) -> None:
     impl = _implementation(J.device, backend)
     if hasattr(impl, "combine_out"):
@@ -259,7 +260,7 @@ def _combine_out_op(J: torch.Tensor, w: torch.Tensor, out: torch.Tensor, backend
         out.copy_(impl.combine(J, w))
 
 
-@torch.library.custom_op("mmgrad::segment_moments", mutates_args=())
+@custom_op("mmgrad::segment_moments", mutates_args=())
 def _segment_moments_op(
     x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, backend: Optional[str] = None
 ) -> torch.Tensor:
@@ -271,7 +272,7 @@ def _(x, offsets, numels, backend=None):
     return x.new_empty((offsets.shape[0], 2), dtype=reference.accumulation_dtype(x.dtype))
 
 
-@torch.library.custom_op("mmgrad::segment_gram", mutates_args=())
+@custom_op("mmgrad::segment_gram", mutates_args=())
 def _segment_gram_op(
     J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, backend: Optional[str] = None
 ) -> torch.Tensor:
@@ -284,7 +285,7 @@ def _(J, offsets, numels, backend=None):
     return J.new_empty((offsets.shape[0], K, K), dtype=reference.accumulation_dtype(J.dtype))
 
 
-@torch.library.custom_op("mmgrad::segment_combine_", mutates_args=("out",))
+@custom_op("mmgrad::segment_combine_", mutates_args=("out",))
 def _segment_combine_op(
     out: torch.Tensor,
     J: torch.Tensor,
@@ -296,7 +297,7 @@ def _segment_combine_op(
     _implementation(J.device, backend).segment_combine_(out, J, offsets, numels, weights)
 
 
-@torch.library.custom_op("mmgrad::segment_scale_", mutates_args=("x",))
+@custom_op("mmgrad::segment_scale_", mutates_args=("x",))
 def _segment_scale_op(
     x: torch.Tensor,
     offsets: torch.Tensor,
@@ -309,7 +310,7 @@ def _segment_scale_op(
     _implementation(x.device, backend).segment_scale_(x, offsets, numels, scale, noise_std, seed)
 
 
-@torch.library.custom_op("mmgrad::segment_lerp_", mutates_args=("x",))
+@custom_op("mmgrad::segment_lerp_", mutates_args=("x",))
 def _segment_lerp_op(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -321,7 +322,7 @@ def _segment_lerp_op(
     _implementation(x.device, backend).segment_lerp_(x, y, offsets, numels, weight)
 
 
-@torch.library.custom_op("mmgrad::feature_drop", mutates_args=())
+@custom_op("mmgrad::feature_drop", mutates_args=())
 def _feature_drop_op(
     z: torch.Tensor,
     widths: list[int],
@@ -356,7 +357,7 @@ torch.library.register_autograd(
 )
 
 
-@torch.library.custom_op("mmgrad::philox_uniform", mutates_args=())
+@custom_op("mmgrad::philox_uniform", mutates_args=())
 def _philox_uniform_op(
     seed: torch.Tensor,
     counter: torch.Tensor,

@@ -262,7 +262,7 @@ def test_bad_arguments_get_clear_errors():
 def test_custom_ops_pass_opcheck(gen):
     G = random_gram(4, "full", 1.0, gen)
     order = _orders(4, gen)
-    torch.library.opcheck(projection.pcgrad_coefficients, (G, order))
-    torch.library.opcheck(projection.gradvac_coefficients,
+    torch.library.opcheck(projection.pcgrad_coefficients.op, (G, order))
+    torch.library.opcheck(projection.gradvac_coefficients.op,
                           (G, order, torch.zeros(4, 4, dtype=F64), 0.5, 1e-8))
-    torch.library.opcheck(nash.nash_newton, (G + torch.eye(4, dtype=F64), torch.ones(4, dtype=F64), 5))
+    torch.library.opcheck(nash.nash_newton.op, (G + torch.eye(4, dtype=F64), torch.ones(4, dtype=F64), 5))

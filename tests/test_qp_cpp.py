@@ -234,6 +234,6 @@ def test_custom_ops_pass_opcheck(gen):
     K = 8
     G = _normalized(random_gram(K, "full", 1.0, gen))
     b, s = _cagrad_inputs(G, 0.5)
-    torch.library.opcheck(_qp._project_dual_cone_op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
-    torch.library.opcheck(_qp._min_norm_simplex_op, (G, 10, _qp.RIDGE, _qp.TOL))
-    torch.library.opcheck(cagrad._cagrad_dual_op, (G, b, s, 10, _qp.RIDGE, _qp.TOL))
+    torch.library.opcheck(_qp._project_dual_cone_op.op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
+    torch.library.opcheck(_qp._min_norm_simplex_op.op, (G, 10, _qp.RIDGE, _qp.TOL))
+    torch.library.opcheck(cagrad._cagrad_dual_op.op, (G, b, s, 10, _qp.RIDGE, _qp.TOL))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from mmgrad._custom_op import custom_op
+
 from ._linalg import solve
 from .base import use_cpp_solver
 
@@ -79,7 +81,7 @@ def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int | None = None
     return _project_dual_cone_op(G, U, iters, ridge, tol)
 
 
-@torch.library.custom_op("mmgrad::project_dual_cone", mutates_args=())
+@custom_op("mmgrad::project_dual_cone", mutates_args=())
 def _project_dual_cone_op(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: float,
                           tol: float) -> torch.Tensor:
     if use_cpp_solver(G, U):
@@ -144,7 +146,7 @@ def min_norm_simplex(G: torch.Tensor, iters: int | None = None, ridge: float = R
     return _min_norm_simplex_op(G, iters, ridge, tol)
 
 
-@torch.library.custom_op("mmgrad::min_norm_simplex", mutates_args=())
+@custom_op("mmgrad::min_norm_simplex", mutates_args=())
 def _min_norm_simplex_op(G: torch.Tensor, iters: int, ridge: float, tol: float) -> torch.Tensor:
     if use_cpp_solver(G):
         return torch.ops.mmgrad_C.min_norm_simplex(G, iters, ridge, tol, BACKUP)

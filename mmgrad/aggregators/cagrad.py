@@ -6,6 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from mmgrad._custom_op import custom_op
+
 from ._linalg import solve
 from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
 from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
@@ -26,7 +28,7 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int | 
     return _cagrad_dual_op(G, b, s, iters, ridge, tol)
 
 
-@torch.library.custom_op("mmgrad::cagrad_dual", mutates_args=())
+@custom_op("mmgrad::cagrad_dual", mutates_args=())
 def _cagrad_dual_op(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int, ridge: float,
                     tol: float) -> torch.Tensor:
     if use_cpp_solver(G, b, s):

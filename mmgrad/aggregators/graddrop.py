@@ -7,6 +7,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad._custom_op import custom_op
 from mmgrad.reference import accumulation_dtype
 
 from .base import Aggregator, SeededMixin, check_matrix
@@ -70,7 +71,7 @@ def _drop_blocks(J: torch.Tensor, draws: torch.Tensor, f: Callable[[torch.Tensor
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@torch.library.custom_op("mmgrad::graddrop", mutates_args=(), device_types="cpu")
+@custom_op("mmgrad::graddrop", mutates_args=(), device_types="cpu")
 def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
                       leak: Optional[torch.Tensor], index: Optional[torch.Tensor],
                       block: Optional[int] = None) -> torch.Tensor:

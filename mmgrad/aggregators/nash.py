@@ -6,6 +6,7 @@ from typing import Any, Optional
 
 import torch
 
+from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from .base import Aggregator, check_gram, to_solve, use_cpp_solver
@@ -34,7 +35,7 @@ def nash_newton_torch(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torc
     return a
 
 
-@torch.library.custom_op("mmgrad::nash_newton", mutates_args=())
+@custom_op("mmgrad::nash_newton", mutates_args=())
 def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
     """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ backend selected
     (:func:`use_cpp_solver`) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,

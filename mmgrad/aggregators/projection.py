@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import torch
 
+from mmgrad._custom_op import custom_op
+
 from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
 
 
@@ -84,7 +86,7 @@ def gradvac_coefficients_torch(G: torch.Tensor, order: torch.Tensor, phi_t: torc
     return C, phi_t
 
 
-@torch.library.custom_op("mmgrad::pcgrad_coefficients", mutates_args=())
+@custom_op("mmgrad::pcgrad_coefficients", mutates_args=())
 def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """:func:`pcgrad_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
     if use_cpp_solver(G):
@@ -97,7 +99,7 @@ def _(G, order):
     return G.new_empty(G.shape)
 
 
-@torch.library.custom_op("mmgrad::gradvac_coefficients", mutates_args=())
+@custom_op("mmgrad::gradvac_coefficients", mutates_args=())
 def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`gradvac_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
