@@ -16,6 +16,7 @@
 
 #include "cpu/isa.h"
 #include "cpu/kernels.h"
+#include "cpu/output_pool.h"
 #include "cpu/philox.h"
 
 namespace mmgrad {
@@ -69,7 +70,7 @@ at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& counter, int
                 ": index must be an int64 tensor of shape (", n, ",), got ", idx.scalar_type(),
                 " of shape ", idx.sizes());
   }
-  at::Tensor out = at::empty({n}, seed.options().dtype(dtype));
+  at::Tensor out = pooled_empty({n}, seed.options().dtype(dtype));
   if (n == 0) return out;
   const UniformKernels& k = uniform_kernels();
   const int d = dtype == at::kDouble ? 1 : 0;
