@@ -2,7 +2,9 @@
 
 For every K in --K and P in --P (fp32 J of shape (K, P)) it times
 
-* ``floor``: two ``J.sum()`` calls (two passes over J: the memory floor of "Gram, combine");
+* ``floor``: two ``J.sum()`` calls (two passes over J: the memory floor of "Gram, combine"),
+  timed alternately with each method's mmgrad calls; mmgrad/floor is the median of the per-pair
+  ratios (the machine's bandwidth drifts);
 * ``mmgrad``: ``mmgrad.aggregators.aggregate(J, name)`` (gram + solve + combine);
 * ``solver``: ``get(name).weights(G)`` alone on the K x K Gram matrix;
 * ``torchjd``: the torchjd 0.18 aggregator on the same J (when installed);
@@ -52,6 +54,24 @@ def timeit(fn, repeat, dev, budget_s=None):
         if budget_s is not None and time.perf_counter() - t_start > budget_s:
             break
     return statistics.median(ts)
+
+
+def timeit_against_floor(fn, floor_fn, repeat, dev):
+    """Times ``floor_fn`` and ``fn`` alternately, ``repeat`` pairs after one warm-up pair: on a
+    shared machine the memory bandwidth drifts by up to 2x within minutes, so the floor is taken
+    beside each measurement it divides. Returns (median floor, median fn, median of the per-pair
+    ratios fn / floor)."""
+    floor_ts, ts = [], []
+    for i in range(repeat + 1):
+        for f, out in ((floor_fn, floor_ts), (fn, ts)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            f()
+            _sync(dev)
+            if i:
+                out.append(time.perf_counter() - t0)
+    ratios = [t / f for t, f in zip(ts, floor_ts)]
+    return statistics.median(floor_ts), statistics.median(ts), statistics.median(ratios)
 
 
 # ----------------------------------------------------------------------------- torchjd
@@ -153,6 +173,26 @@ LIBMTL = {"mean": libmtl_mean, "mgda": libmtl_mgda, "pcgrad": libmtl_pcgrad,
           "imtl_g": libmtl_imtl_g}
 
 
+# ----------------------------------------------------------------------------- kernels alone
+KERNEL_HEADER = ("| K | P | one J.sum ms | gram ms | gram GFLOP/s | combine ms | (gram + combine) / floor "
+                 "| UPGrad solver + call overhead / floor |")
+
+
+def kernel_row(J, K, P, repeat, dev):
+    """The two passes without solver or aggregator code: what part of mmgrad/floor is the kernels'
+    (``ops.gram``'s K (K + 1) / 2 dot products are compute-bound at large K) and what is the rest."""
+    w = torch.full((K,), 1.0 / K, device=dev)
+    t_sum = timeit(lambda: J.sum(), repeat, dev)
+    t_gram = timeit(lambda: ops.gram(J), repeat, dev)
+    t_comb = timeit(lambda: ops.combine(J, w), repeat, dev)
+    t_agg = timeit(lambda: A.aggregate(J, "upgrad"), repeat, dev)
+    flops = K * (K + 1) * P  # K (K + 1) / 2 dot products of P multiply-adds
+    floor = 2 * t_sum
+    return (f"| {K} | {P / 1e6:g}M | {fmt_t(t_sum)} | {fmt_t(t_gram)} | {flops / t_gram / 1e9:.0f} "
+            f"| {fmt_t(t_comb)} | {fmt_r((t_gram + t_comb) / floor)} "
+            f"| {fmt_r((t_agg - t_gram - t_comb) / floor)} |")
+
+
 # ----------------------------------------------------------------------------- main
 def fmt_t(t):
     if t is None or (isinstance(t, float) and math.isnan(t)):
@@ -189,16 +229,18 @@ def main(argv=None):
     print(header, flush=True)
     print(lines[1], flush=True)
     t_all = time.perf_counter()
+    kernels = []
     for P in [int(p) for p in args.P]:
         for K in args.K:
             g = torch.Generator(device=dev).manual_seed(0)
             J = torch.randn(K, P, generator=g, device=dev, dtype=torch.float32)
-            floor = timeit(lambda: (J.sum(), J.sum()), args.repeat, dev)
+            two_passes = lambda: (J.sum(), J.sum())  # noqa: E731
             G = ops.gram(J)
             sizes = split_params(P)
             per_task = None
             for name in args.methods:
-                t_mm = timeit(lambda: A.aggregate(J, name), args.repeat, dev)
+                floor, t_mm, ratio = timeit_against_floor(lambda: A.aggregate(J, name), two_passes,
+                                                          args.repeat, dev)
                 agg = A.get(name)
                 t_solve = timeit(lambda: agg.weights(G), max(args.repeat, 20), dev) if agg.gramian_based else float("nan")
                 t_jd = None
@@ -211,19 +253,24 @@ def main(argv=None):
                             print(f"# torchjd {name} K={K} P={P} failed: {type(e).__name__}: {e}",
                                   file=sys.stderr)
                 t_lib = None
-                if not args.no_libmtl and name in LIBMTL and not (name == "pcgrad" and K * K * P > 2e9):
+                # (its per-parameter copy of J does not fit beside J at K = 64, P = 16M)
+                if (not args.no_libmtl and name in LIBMTL and K * P <= 2**28
+                        and not (name == "pcgrad" and K * K * P > 2e9)):
                     if per_task is None:
                         per_task = libmtl_grads(J, sizes)
                     t_lib = timeit(lambda: LIBMTL[name](per_task, sizes), args.repeat, dev,
                                    args.peer_budget)
                 row = (f"| {name} | {K} | {P / 1e6:g}M | {fmt_t(floor)} | {fmt_t(t_mm)} "
                        f"| {fmt_t(t_solve) if t_solve == t_solve else '-'} | {fmt_t(t_jd)} "
-                       f"| {fmt_t(t_lib)} | {fmt_r(t_mm / floor)} "
+                       f"| {fmt_t(t_lib)} | {fmt_r(ratio)} "
                        f"| {fmt_r(t_jd / t_mm if t_jd else float('nan'))} "
                        f"| {fmt_r(t_lib / t_mm if t_lib else float('nan'))} |")
                 lines.append(row)
                 print(row, flush=True)
+            kernels.append(kernel_row(J, K, P, args.repeat, dev))
             del J, G, per_task
+    lines += ["", KERNEL_HEADER, "|" + "---|" * 8] + kernels
+    print("\n" + "\n".join(lines[-len(kernels) - 2:]), flush=True)
     total = time.perf_counter() - t_all
     meta = (f"\n_{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, device {dev}, fp32 J, median of {args.repeat}; "
