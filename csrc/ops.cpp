@@ -22,6 +22,7 @@ TORCH_LIBRARY(mmgrad_C, m) {
   m.def(
       "philox_uniform(Tensor seed, Tensor counter, int n, Tensor? index, ScalarType dtype) -> "
       "Tensor");
+  m.def("trace_normalized(Tensor G, float eps, float reg) -> Tensor");
   m.def("pcgrad_coefficients(Tensor G, Tensor order) -> Tensor");
   m.def(
       "gradvac_coefficients(Tensor G, Tensor order, Tensor phi_t, float beta, float eps) -> "

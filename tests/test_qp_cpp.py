@@ -237,3 +237,38 @@ def test_custom_ops_pass_opcheck(gen):
     torch.library.opcheck(_qp._project_dual_cone_op.op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
     torch.library.opcheck(_qp._min_norm_simplex_op.op, (G, 10, _qp.RIDGE, _qp.TOL))
     torch.library.opcheck(cagrad._cagrad_dual_op.op, (G, b, s, 10, _qp.RIDGE, _qp.TOL))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("K", SIZES)
+def test_trace_normalized_matches_the_torch_ops(gen, dtype, K):
+    """The solvers' input in one C++ op (base.normalized) == normalize_trace(to_solve(G)) + reg I."""
+    from mmgrad.aggregators import base
+
+    G = random_gram(K, "full", 1e3, gen).to(dtype)
+    for eps, reg in ((0.0, 0.0), (0.0, 1e-4), (1e30, 1e-4)):  # eps above the trace: the zero matrix + reg I
+        expected = base.normalize_trace(base.to_solve(G), eps)[0] + reg * torch.eye(K, dtype=F64)
+        got = C.trace_normalized(G, eps, reg)
+        assert got.dtype == F64 and got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=4e-16 * K, atol=0)
+    assert C.trace_normalized(G, 0.0, 0.0).data_ptr() != G.data_ptr()  # a copy, G untouched
+    for bad in (float("nan"), float("inf")):
+        Gb = G.clone()
+        Gb[0, 0] = bad
+        assert torch.equal(C.trace_normalized(Gb, 0.0, 0.5), 0.5 * torch.eye(K, dtype=F64))
+    with pytest.raises(RuntimeError, match="square"):
+        C.trace_normalized(torch.zeros(2, 3), 0.0, 0.0)
+
+
+def test_normalized_uses_the_torch_ops_where_it_must(monkeypatch):
+    from mmgrad.aggregators import base
+
+    G = random_gram(4, "full", 1.0, torch.Generator().manual_seed(0)).float()
+    calls = []
+    monkeypatch.setattr(base, "normalize_trace", lambda *a: calls.append(1) or (a[0], None))
+    base.normalized(G)
+    assert calls == []  # plain eager CPU tensor, C++ backend: the op
+    base.normalized(G.requires_grad_())  # autograd must see the torch ops
+    monkeypatch.setenv("MMGRAD_BACKEND", "reference")
+    base.normalized(G.detach())
+    assert calls == [1, 1]

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import sym_eig
-from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+from .base import Aggregator, _PrefMixin, check_gram, normalized
 
 
 class AlignedMTL(_PrefMixin, Aggregator):
@@ -37,7 +37,7 @@ class AlignedMTL(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         pref = self._pref_for(K, Gn)
         lam, V = sym_eig(Gn, self.eig)  # ascending
         tol = lam.max() * K * torch.finfo(G.dtype).eps

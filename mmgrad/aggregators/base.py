@@ -22,6 +22,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad._custom_op import plain_eager
 
 __all__ = ["Aggregator", "GramianAggregator"]
 
@@ -62,6 +63,19 @@ def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, to
     return torch.where(ok, G / safe, torch.zeros_like(G)), t
 
 
+def normalized(G: torch.Tensor, eps: float = 0.0, reg: float = 0.0) -> torch.Tensor:
+    """The solvers' input: ``G`` in the solve dtype divided by its trace (:func:`normalize_trace`),
+    plus ``reg`` on the diagonal. On CPU tensors served by the C++ backend, in plain eager mode,
+    one C++ op (``csrc/cpu/trace_normalized.cpp``: the six to eight small torch ops cost more
+    than most K x K solves); the torch ops otherwise."""
+    if G.device.type == "cpu" and plain_eager((G,)) and ops.resolve_backend(G.device) == "cpp":
+        return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
+    Gn, _ = normalize_trace(to_solve(G), eps)
+    if reg:
+        Gn = Gn + reg * torch.eye(G.shape[0], dtype=Gn.dtype, device=Gn.device)
+    return Gn
+
+
 def check_gram(G: torch.Tensor) -> None:
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"G must be a square (K, K) matrix, got shape {tuple(G.shape)}")
@@ -90,18 +104,22 @@ class _PrefMixin:
         self._pref = pref_vector
         self._pref_cache = {}
 
-    def _pref_for(self, K: int, ref: torch.Tensor, default: float | None = None) -> torch.Tensor:
-        """Preference vector (K,) on ``ref``'s device/dtype; ``default`` fills it when unset
-        (``None`` means 1/K)."""
-        if self._pref is None:
-            fill = (1.0 / K) if default is None else default
-            return torch.full((K,), fill, dtype=ref.dtype, device=ref.device)
-        if self._pref.shape[0] != K:
+    def _pref_for(self, K: int, ref: torch.Tensor, default: float | None = None,
+                  diagonal: bool = False) -> torch.Tensor:
+        """Preference vector (K,) on ``ref``'s device/dtype (as a (K, K) diagonal matrix with
+        ``diagonal``); ``default`` fills it when unset (``None`` means 1/K). Cached per device,
+        dtype and K: callers must not modify it."""
+        if self._pref is not None and self._pref.shape[0] != K:
             raise ValueError(f"pref_vector has {self._pref.shape[0]} entries but there are {K} rows")
-        key = (ref.device, ref.dtype)
+        key = (ref.device, ref.dtype, K, default, diagonal)
         p = self._pref_cache.get(key)
-        if p is None:  # one host-to-device copy per device, at the first call
-            p = self._pref.to(device=ref.device, dtype=ref.dtype)
+        if p is None:  # one host-to-device copy (or fill) per device, at the first call
+            if self._pref is None:
+                fill = (1.0 / K) if default is None else default
+                p = torch.full((K,), fill, dtype=ref.dtype, device=ref.device)
+            else:
+                p = self._pref.to(device=ref.device, dtype=ref.dtype)
+            p = torch.diag(p) if diagonal else p
             self._pref_cache[key] = p
         return p
 

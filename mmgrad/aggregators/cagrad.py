@@ -10,7 +10,7 @@ from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
-from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_cpp_solver
 
 #: Cap of the default budget ``min(CAGRAD_ITERS, K + 2)`` of :func:`cagrad_dual` iterations (each
 #: one masked K x K solve with 2 right-hand sides).
@@ -116,7 +116,7 @@ class CAGrad(_PrefMixin, Aggregator):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         K = G.shape[0]
         u = self._pref_for(K, Gn)
         b = Gn @ u

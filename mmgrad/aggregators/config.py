@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import pinv_apply
-from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+from .base import Aggregator, _PrefMixin, check_gram, normalized
 
 
 class ConFIG(_PrefMixin, Aggregator):
@@ -38,7 +38,7 @@ class ConFIG(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         pref = self._pref_for(K, Gn, default=1.0)
         d = Gn.diagonal().clamp(min=0).sqrt()
         inv_d = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _qp
-from .base import Aggregator, _PrefMixin, check_gram, normalize_trace, to_solve
+from .base import Aggregator, _PrefMixin, check_gram, normalized
 
 
 class _DualConeBase(_PrefMixin, Aggregator):
@@ -26,10 +26,9 @@ class _DualConeBase(_PrefMixin, Aggregator):
         return {"pref_vector": self._pref, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps,
                 "iters": self.iters}
 
-    def _project(self, G: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
-        K = G.shape[0]
-        Gn, _ = normalize_trace(G, self.norm_eps)
-        Gn = Gn + self.reg_eps * torch.eye(K, dtype=G.dtype, device=G.device)
+    def _project(self, Gn: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+        """The projections for the rows of ``U``, ``Gn`` from :func:`normalized` (with reg_eps)."""
+        K = Gn.shape[0]
         if K == 2 and (self._pref is None or bool((self._pref >= 0).all())):  # host-side check
             return _qp.dual_cone_k2(Gn, U)
         return _qp.project_dual_cone(Gn, U, self.iters)
@@ -55,10 +54,9 @@ class UPGrad(_DualConeBase):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gs = to_solve(G)
-        K = G.shape[0]
-        U = torch.diag(self._pref_for(K, Gs))
-        return self._project(Gs, U).sum(0).to(G.dtype)
+        Gn = normalized(G, self.norm_eps, self.reg_eps)
+        U = self._pref_for(G.shape[0], Gn, diagonal=True)
+        return self._project(Gn, U).sum(0).to(G.dtype)
 
 
 class DualProj(_DualConeBase):
@@ -72,6 +70,6 @@ class DualProj(_DualConeBase):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gs = to_solve(G)
-        u = self._pref_for(G.shape[0], Gs).unsqueeze(0)
-        return self._project(Gs, u)[0].to(G.dtype)
+        Gn = normalized(G, self.norm_eps, self.reg_eps)
+        u = self._pref_for(G.shape[0], Gn).unsqueeze(0)
+        return self._project(Gn, u)[0].to(G.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import pinv_apply
-from .base import Aggregator, check_gram, normalize_trace, to_solve
+from .base import Aggregator, check_gram, normalized
 
 
 class IMTLG(Aggregator):
@@ -28,7 +28,7 @@ class IMTLG(Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
         d = Gn.diagonal().clamp(min=0).sqrt()
         v = pinv_apply(Gn, d, rtol, self.eig)

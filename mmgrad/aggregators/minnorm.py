@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _qp
-from .base import Aggregator, check_gram, normalize_trace, to_solve
+from .base import Aggregator, check_gram, normalized
 
 
 def frank_wolfe(G: torch.Tensor, epsilon: float, max_iters: int) -> torch.Tensor:
@@ -61,7 +61,7 @@ class MGDA(Aggregator):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         K = G.shape[0]
         if self.solver == "frank_wolfe":
             w = frank_wolfe(Gn, self.epsilon, self.max_iters)

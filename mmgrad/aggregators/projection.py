@@ -22,7 +22,7 @@ import torch
 
 from mmgrad._custom_op import custom_op
 
-from .base import Aggregator, SeededMixin, check_gram, normalize_trace, to_solve, use_cpp_solver
+from .base import Aggregator, SeededMixin, check_gram, normalized, use_cpp_solver
 
 
 def _orders(K: int, uniform) -> torch.Tensor:
@@ -138,7 +138,7 @@ class PCGrad(SeededMixin, Aggregator):
     def weights(self, G: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``order`` (K, K) overrides the random visiting orders (tests, reproduction)."""
         check_gram(G)
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         K = G.shape[0]
         if order is None:
             order = _orders(K, lambda n: self._uniform(n, G.device))
@@ -176,7 +176,7 @@ class GradVac(SeededMixin, Aggregator):
 
     def weights(self, G: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_gram(G)
-        Gn, _ = normalize_trace(to_solve(G))
+        Gn = normalized(G)
         K = G.shape[0]
         phi = self.phi_t
         if phi is None or phi.shape[0] != K:
