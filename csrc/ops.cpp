@@ -20,8 +20,8 @@ TORCH_LIBRARY(mmgrad_C, m) {
       "feature_drop(Tensor z, int[] widths, Tensor drop_prob, Tensor seed, Tensor counter) -> "
       "(Tensor, Tensor)");
   m.def(
-      "philox_uniform(Tensor seed, Tensor counter, int n, Tensor? index, ScalarType dtype) -> "
-      "Tensor");
+      "philox_uniform(Tensor seed, Tensor counter, int n, Tensor? index, ScalarType dtype, "
+      "bool packed=False) -> Tensor");
   m.def("trace_normalized(Tensor G, float eps, float reg) -> Tensor");
   m.def("pcgrad_coefficients(Tensor G, Tensor order) -> Tensor");
   m.def(

@@ -237,13 +237,20 @@ def philox_normal(seed: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return radius * torch.where(use_cos, torch.cos(angle), torch.sin(angle))
 
 
-def philox_uniform(seed: torch.Tensor, index: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def philox_uniform(seed: torch.Tensor, index: torch.Tensor, dtype: torch.dtype = torch.float64,
+                   packed: bool = False) -> torch.Tensor:
     """Uniform number in [0, 1) for each stream position ``index`` (int64): the top 24 bits of the
-    first Philox4x32-10 output word, ``(r0 >> 8) * 2**-24``, in ``dtype`` (exact in float32 and
-    float64). The convention of :class:`mmgrad.aggregators.base.SeededMixin` and of the fused op
+    first Philox4x32-10 output word of the block at counter ``index``, ``(r0 >> 8) * 2**-24``, in
+    ``dtype`` (exact in float32 and float64). ``packed``: four positions per block instead, word
+    ``index % 4`` of the block at counter ``index // 4`` (``index`` read as unsigned). The
+    conventions of :class:`mmgrad.aggregators.base.SeededMixin` and of the fused op
     :func:`mmgrad.ops.philox_uniform`."""
-    r0, _, _, _ = philox4x32(index, seed)
-    return (r0 >> 8).to(dtype) * 2.0**-24
+    if not packed:
+        r0, _, _, _ = philox4x32(index, seed)
+        return (r0 >> 8).to(dtype) * 2.0**-24
+    words = torch.stack(philox4x32((index >> 2) & ((1 << 62) - 1), seed), dim=-1)
+    r = words.gather(-1, (index & 3).unsqueeze(-1)).squeeze(-1)
+    return (r >> 8).to(dtype) * 2.0**-24
 
 
 # --- feature dropping (OPM) -------------------------------------------------------------------

@@ -337,8 +337,11 @@ def test_graddrop_matches_loop_reference():
     leak = torch.tensor([0.0, 0.1, 0.5, 0.0, 1.0], dtype=F64)
     for lk in (None, leak):
         out = A.get("graddrop", leak=lk, seed=7)(J)
-        # The aggregator's stream: Philox4x32 keyed by the seed, counters 0, 1, ... (24 bits).
-        U = (philox4x32(torch.arange(300), torch.tensor(7))[0] >> 8).to(F64) * 2.0**-24
+        # The aggregator's stream: Philox4x32 keyed by the seed, packed: column p takes word p % 4
+        # of the block at counter p // 4 (24 bits).
+        pos = torch.arange(300)
+        words = torch.stack(philox4x32(pos >> 2, torch.tensor(7)), -1)
+        U = (words.gather(-1, (pos & 3)[:, None])[:, 0] >> 8).to(F64) * 2.0**-24
         P = 0.5 * (1 + J.sum(0) / J.abs().sum(0))
         ref = torch.zeros(300, dtype=F64)
         lkv = torch.zeros(5, dtype=F64) if lk is None else lk

@@ -46,18 +46,22 @@ def python_philox_r0(position: int, seed: int) -> int:
     return c[0]
 
 
-def loop_uniform(seed: int, positions: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """u = (r0 >> 8) / 2**24 at each stream position (taken modulo 2**64), r0 from philox4x32."""
-    wrapped = [(p % 2**64) - (2**64 if p % 2**64 >= 2**63 else 0) for p in positions]  # as int64
-    r0 = philox4x32(torch.tensor(wrapped, dtype=torch.int64), torch.tensor(seed))[0].tolist()
-    return torch.tensor([(r >> 8) / 2**24 for r in r0], dtype=torch.float64).to(dtype)
+def loop_uniform(seed: int, positions: list[int], dtype: torch.dtype, packed: bool = False) -> torch.Tensor:
+    """u = (r >> 8) / 2**24 at each stream position p (taken modulo 2**64), r from philox4x32: word
+    0 of the block at counter p, or (packed) word p % 4 of the block at counter p // 4."""
+    positions = [p % 2**64 for p in positions]
+    blocks = [p // 4 if packed else p for p in positions]
+    wrapped = [b - (2**64 if b >= 2**63 else 0) for b in blocks]  # as int64
+    words = philox4x32(torch.tensor(wrapped, dtype=torch.int64), torch.tensor(seed))
+    r = [words[p % 4 if packed else 0][i].item() for i, p in enumerate(positions)]
+    return torch.tensor([(x >> 8) / 2**24 for x in r], dtype=torch.float64).to(dtype)
 
 
-def draw(case, seed, counter, n=None, index=None, dtype=torch.float32):
+def draw(case, seed, counter, n=None, index=None, dtype=torch.float32, packed=False):
     device, backend = case
     out = ops.philox_uniform(
         torch.tensor(seed, device=device), torch.tensor(counter, device=device), n,
-        index=None if index is None else index.to(device), dtype=dtype, backend=backend,
+        index=None if index is None else index.to(device), dtype=dtype, packed=packed, backend=backend,
     )
     assert out.device.type == device and out.dtype == dtype
     return out.cpu()
@@ -77,19 +81,23 @@ def test_philox4x32_matches_plain_python_and_the_known_answer():
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n", [0, 1, 2, 15, 17, 33, 1000, 16385, 70001])
-def test_consecutive_positions_match_loop_reference(case, dtype, n):
+@pytest.mark.parametrize("packed", [False, True], ids=["word0", "packed"])
+def test_consecutive_positions_match_loop_reference(case, dtype, n, packed):
     g = torch.Generator().manual_seed(n)
     seed = int(torch.randint(0, 2**63 - 1, (), generator=g))
-    # Around the 2**32 carry into the high counter word, and far up.
-    for counter in (2**32 - n // 2 - 1, 2**62 + int(torch.randint(0, 2**40, (), generator=g))):
-        out = draw(case, seed, counter, n, dtype=dtype)
+    # Around the 2**32 carry into the high counter word (packed: of the block), far up, and at
+    # every phase of a block of four.
+    for counter in (2**32 - n // 2 - 1, 2**34 - n // 2 - 1, 2**62 + int(torch.randint(0, 2**40, (), generator=g)),
+                    *(2**63 - 5 + k for k in range(4))):
+        out = draw(case, seed, counter, n, dtype=dtype, packed=packed)
         assert out.shape == (n,)
-        assert torch.equal(out, loop_uniform(seed, [counter + i for i in range(n)], dtype))
+        assert torch.equal(out, loop_uniform(seed, [counter + i for i in range(n)], dtype, packed))
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_arbitrary_indices_match_loop_reference(case, dtype):
+@pytest.mark.parametrize("packed", [False, True], ids=["word0", "packed"])
+def test_arbitrary_indices_match_loop_reference(case, dtype, packed):
     g = torch.Generator().manual_seed(1)
     index = torch.cat([
         torch.randint(0, 2**62, (999,), generator=g),  # beyond 2**32 and up to 2**62
@@ -97,8 +105,8 @@ def test_arbitrary_indices_match_loop_reference(case, dtype):
         torch.randint(0, 100, (37,), generator=g),  # unsorted small positions
     ])
     for seed, counter in ((2**63 - 1, 17), (0, 0), (int(torch.randint(0, 2**63 - 1, (), generator=g)), 2**33 + 1)):
-        out = draw(case, seed, counter, index=index, dtype=dtype)
-        assert torch.equal(out, loop_uniform(seed, [counter + i for i in index.tolist()], dtype))
+        out = draw(case, seed, counter, index=index, dtype=dtype, packed=packed)
+        assert torch.equal(out, loop_uniform(seed, [counter + i for i in index.tolist()], dtype, packed))
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -184,6 +192,12 @@ _ISA_SCRIPT = textwrap.dedent("""
                 out = ops.philox_uniform(7, counter, index=index, dtype=dtype, backend="cpp")
                 ref = (philox4x32(index + counter, torch.tensor(7))[0] >> 8).to(dtype) * 2.0**-24
                 assert torch.equal(out, ref), (n, dtype, counter, "index")
+                for start in (counter, counter + 1, counter + 3):  # every phase of a block of four
+                    out = ops.philox_uniform(5, start, n, dtype=dtype, packed=True, backend="cpp")
+                    pos = torch.arange(n) + start
+                    words = torch.stack(philox4x32(pos >> 2, torch.tensor(5)), -1)
+                    ref = (words.gather(-1, (pos & 3)[:, None])[:, 0] >> 8).to(dtype) * 2.0**-24
+                    assert torch.equal(out, ref), (n, dtype, start, "packed")
     print("ok")
 """)
 
@@ -245,9 +259,10 @@ def test_opcheck(case):
     seed, counter = torch.tensor(3, device=device), torch.tensor(2**33, device=device)
     index = torch.randint(0, 2**62, (37,), device=device)
     op = torch.ops.mmgrad.philox_uniform.default
-    torch.library.opcheck(op, (seed, counter, 37, None, torch.float32, backend))
-    torch.library.opcheck(op, (seed, counter, 37, index, torch.float64, backend))
-    torch.library.opcheck(op, (seed, counter, 0, None, torch.float32, backend))
+    for packed in (False, True):
+        torch.library.opcheck(op, (seed, counter, 37, None, torch.float32, packed, backend))
+        torch.library.opcheck(op, (seed, counter, 37, index, torch.float64, packed, backend))
+        torch.library.opcheck(op, (seed, counter, 0, None, torch.float32, packed, backend))
 
 
 def test_torch_compile_fullgraph_traces_the_op():
@@ -366,7 +381,10 @@ def test_graddrop_is_bitwise_the_previous_block_loop(K, P, dtype):
     leak = torch.linspace(0, 1, K, dtype=torch.float64)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     flip = lambda p: torch.where(p > 0.5, 1.5, -0.5).to(p.dtype)  # noqa: E731
-    draws = (philox4x32(torch.arange(P), torch.tensor(21))[0] >> 8).to(acc) * 2.0**-24  # the stream
+    # The stream: packed, word p % 4 of the Philox block p // 4.
+    pos = torch.arange(P)
+    words = torch.stack(philox4x32(pos >> 2, torch.tensor(21)), -1)
+    draws = (words.gather(-1, (pos & 3)[:, None])[:, 0] >> 8).to(acc) * 2.0**-24
     for lk in (None, leak):
         for f in (lambda p: p, flip):
             ref = previous_graddrop(J, draws, lk, f)

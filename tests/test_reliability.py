@@ -74,15 +74,20 @@ def test_fuzz_gram_and_combine(case, J):
 @pytest.mark.parametrize("case", CPU_CASES)
 @FUZZ
 @given(seed=st.integers(0, 2**63 - 1), counter=st.integers(0, 2**62), n=st.integers(0, 3000),
-       indexed=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]))
-def test_fuzz_philox_uniform(case, seed, counter, n, indexed, dtype):
+       indexed=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float64]), packed=st.booleans())
+def test_fuzz_philox_uniform(case, seed, counter, n, indexed, dtype, packed):
     _, backend = case
     g = torch.Generator().manual_seed(seed % 2**31)
     index = torch.randint(0, 2**62, (n,), generator=g) if indexed else None
     s, c = torch.tensor(seed), torch.tensor(counter)
-    u = ops.philox_uniform(s, c, n, index=index, dtype=dtype, backend=backend)
+    u = ops.philox_uniform(s, c, n, index=index, dtype=dtype, packed=packed, backend=backend)
     positions = c + (index if indexed else torch.arange(n))
-    expected = (reference.philox4x32(positions, s)[0] >> 8).to(torch.float64) * 2.0**-24
+    if packed:  # word p % 4 of the block p // 4 (positions stay below 2**63 here)
+        words = torch.stack(reference.philox4x32(positions >> 2, s), -1)
+        r = words.gather(-1, (positions & 3)[:, None])[:, 0]
+    else:
+        r = reference.philox4x32(positions, s)[0]
+    expected = (r >> 8).to(torch.float64) * 2.0**-24
     assert u.dtype == dtype and u.shape == (n,)
     assert torch.equal(u.double(), expected)  # 24-bit values: exact in both dtypes, on every backend
     assert ((u >= 0) & (u < 1)).all()

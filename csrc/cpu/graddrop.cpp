@@ -1,7 +1,7 @@
 // CPU graddrop: GradDrop with f = identity in one pass over J (mmgrad.aggregators.graddrop).
 //
 // Per column p of the (K, P) matrix J: s = sum_i J_ip, a = sum_i |J_ip| (accumulation dtype),
-// purity = 0.5 (1 + s / a) (a <= 0 or NaN -> 1), U = the Philox uniform of mmgrad.ops.philox_uniform
+// purity = 0.5 (1 + s / a) (a <= 0 or NaN -> 1), U = the packed uniform of mmgrad.ops.philox_uniform
 // at stream position counter + p (counter + index[p] for a shard), row i kept where
 // purity > U and J_ip > 0 or purity < U and J_ip < 0, and out_p = sum_i m_i J_ip with m_i = 1 / 0
 // (kept / dropped) or, with leak, (1 - leak_i) + leak_i / 0 + leak_i, each rounded in the

@@ -2,7 +2,9 @@
 //
 // out[i] = (r0 >> 8) * 2^-24 with r0 the first output word of Philox4x32-10 on the counter
 // (lo32(j), hi32(j), 0, 0) and key (lo32(seed), hi32(seed)), where j = counter + i (no index) or
-// counter + index[i], modulo 2^64. Each value depends on its position only, so the output is the
+// counter + index[i], modulo 2^64; packed: word j % 4 of the block at counter j / 4 (j unsigned),
+// the positions sharing a block transposed out of one Philox vector. Each value depends on its
+// position only, so the output is the
 // same for every thread count and ISA. Work is cut into fixed chunks of kChunk outputs, spread over
 // threads; within a chunk the Philox rounds run on kW32 counters at once (vectorised per ISA, see
 // philox_uniform_kernels.inc).
@@ -26,6 +28,8 @@ namespace cpu {
 struct UniformKernels {
   void (*consecutive[2])(uint64_t key, uint64_t base, int64_t n, void* out);
   void (*indexed[2])(uint64_t key, uint64_t base, const int64_t* index, int64_t n, void* out);
+  void (*packed_consecutive[2])(uint64_t key, uint64_t base, int64_t n, void* out);
+  void (*packed_indexed[2])(uint64_t key, uint64_t base, const int64_t* index, int64_t n, void* out);
 };
 
 }  // namespace cpu
@@ -54,7 +58,8 @@ const UniformKernels& uniform_kernels() {
 }
 
 at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& counter, int64_t n,
-                          const std::optional<at::Tensor>& index, at::ScalarType dtype) {
+                          const std::optional<at::Tensor>& index, at::ScalarType dtype,
+                          bool packed) {
   const char* op = "mmgrad_C::philox_uniform";
   const uint64_t key = philox_word(seed, "mmgrad_C::philox_uniform", "seed");
   const uint64_t base = philox_word(counter, "mmgrad_C::philox_uniform", "counter");
@@ -82,9 +87,10 @@ at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& counter, int
     for (int64_t c = b; c < e; ++c) {
       const int64_t i0 = c * kChunk, m = std::min(kChunk, n - i0);
       if (ip == nullptr) {
-        k.consecutive[d](key, base + static_cast<uint64_t>(i0), m, op_ + i0 * esize);
+        (packed ? k.packed_consecutive : k.consecutive)[d](key, base + static_cast<uint64_t>(i0),
+                                                            m, op_ + i0 * esize);
       } else {
-        k.indexed[d](key, base, ip + i0, m, op_ + i0 * esize);
+        (packed ? k.packed_indexed : k.indexed)[d](key, base, ip + i0, m, op_ + i0 * esize);
       }
     }
   });

@@ -165,6 +165,12 @@ def _draw_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _advance(n: int, packed: bool) -> int:
+    """Stream positions a draw of ``n`` takes: packed draws keep the counter on a Philox block
+    boundary (the fused kernels' fast path draws four positions per block from there)."""
+    return (n + 3) // 4 * 4 if packed else n
+
+
 class SeededMixin:
     """A counter-based random stream: Philox4x32-10 keyed by ``seed`` (the same generator as the
     fused ops' noise, :func:`mmgrad.reference.philox4x32`), with one int64 counter per device.
@@ -181,19 +187,23 @@ class SeededMixin:
         self.seed = int(seed)
         self._counters = {}
 
-    def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``n`` uniform numbers in [0, 1) (24 random bits each), advancing the stream by ``n``."""
+    def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                 packed: bool = False) -> torch.Tensor:
+        """``n`` uniform numbers in [0, 1) (24 random bits each), advancing the stream by ``n``
+        (``packed``: the op's packed stream, advancing by ``n`` rounded up to a multiple of 4,
+        so that every call starts on a Philox block)."""
         counter, key = self._stream(device)
-        u = ops.philox_uniform(key, counter, n, dtype=_draw_dtype(dtype))
-        counter.add_(n)
+        u = ops.philox_uniform(key, counter, n, dtype=_draw_dtype(dtype), packed=packed)
+        counter.add_(_advance(n, packed))
         return u.to(dtype)
 
-    def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32,
+                    packed: bool = False) -> torch.Tensor:
         """The numbers a ``_uniform(total, ...)`` call would give at positions ``index`` (int64),
-        advancing the stream by ``total``: a shard of a draw over ``total`` elements."""
+        advancing the stream as it would: a shard of a draw over ``total`` elements."""
         counter, key = self._stream(index.device)
-        u = ops.philox_uniform(key, counter, index=index, dtype=_draw_dtype(dtype))
-        counter.add_(int(total))
+        u = ops.philox_uniform(key, counter, index=index, dtype=_draw_dtype(dtype), packed=packed)
+        counter.add_(_advance(int(total), packed))
         return u.to(dtype)
 
     def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

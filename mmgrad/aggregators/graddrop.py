@@ -10,7 +10,7 @@ from mmgrad import ops
 from mmgrad._custom_op import custom_op
 from mmgrad.reference import accumulation_dtype
 
-from .base import Aggregator, SeededMixin, check_matrix
+from .base import Aggregator, SeededMixin, _advance, check_matrix
 
 #: Elements of J (K x columns) per block by default on CPU: the block and its one scratch buffer
 #: stay in cache across the block's passes, so J is read from memory once.
@@ -76,7 +76,7 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
                       leak: Optional[torch.Tensor], index: Optional[torch.Tensor],
                       block: Optional[int] = None) -> torch.Tensor:
     """GradDrop with ``f = identity`` of a CPU ``J`` (K, P), the uniforms those of
-    ``ops.philox_uniform(seed, counter, P)`` (at ``index`` for a shard); ``leak``: (K,) in J's
+    ``ops.philox_uniform(seed, counter, P, packed=True)`` (at ``index`` for a shard); ``leak``: (K,) in J's
     accumulation dtype, or None. The caller advances ``counter``.
 
     With the C++ backend (``ops.resolve_backend`` says ``"cpp"``) one fused kernel
@@ -90,7 +90,7 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
         return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
     acc = accumulation_dtype(J.dtype)
     n = J.shape[1] if index is None else None
-    draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc)
+    draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc, packed=True)
     leak_column = None if leak is None else leak.unsqueeze(1)
     return _drop_blocks(J, draws, _identity, None if leak is None else (leak_column, 1 - leak_column), block)
 
@@ -108,7 +108,9 @@ class GradDrop(SeededMixin, Aggregator):
     ``sum_i (leak_i + (1 - leak_i) M_i) J_i``. Vectorised over K and blocked over P (no Python loop
     over rows, no host sync). Coordinates where every row is zero give 0 (torchjd: 0 too, via NaN
     comparisons). Difference: ``U`` comes from this object's seeded generator (state in
-    ``state_dict``), not the global RNG. Elementwise, so there is no ``weights(G)``.
+    ``state_dict``), not the global RNG: the packed stream of :func:`mmgrad.ops.philox_uniform`
+    (one Philox block per four columns; a call advances it by P rounded up to a multiple of 4).
+    Elementwise, so there is no ``weights(G)``.
 
     With the default ``f`` on CPU the work is one custom op (:func:`graddrop_identity`): with the
     C++ backend a fused kernel that reads J once; other ``f``, other devices and
@@ -148,12 +150,12 @@ class GradDrop(SeededMixin, Aggregator):
         if self.f is _identity and J.device.type == "cpu":
             counter, key = self._stream(J.device)
             out = graddrop_identity(J, key, counter, None if leak is None else leak[0], index, self.block)
-            counter.add_(P if index is None or total is None else int(total))
+            counter.add_(_advance(P if index is None or total is None else int(total), packed=True))
             return out
         if index is not None:  # drawn (and the stream advanced) even for an empty shard
-            draws = self._uniform_at(index, P if total is None else total, acc)
+            draws = self._uniform_at(index, P if total is None else total, acc, packed=True)
         else:  # all P draws up front, in one fused op
-            draws = self._uniform(P, J.device, acc)
+            draws = self._uniform(P, J.device, acc, packed=True)
         return _drop_blocks(J, draws, self.f, None if leak is None else leak[1:], self.block)
 
     def _leak_for(self, K: int, device: torch.device, acc: torch.dtype):
