@@ -18,18 +18,7 @@
 namespace mmgrad {
 namespace cpu {
 
-const CombineKernels& combine_kernels() {
-  switch (cpu_isa()) {
-#if MMG_X86
-    case Isa::Avx512:
-      return avx512::kCombineKernels;
-    case Isa::Avx2:
-      return avx2::kCombineKernels;
-#endif
-    default:
-      return generic::kCombineKernels;
-  }
-}
+const CombineKernels& combine_kernels() { return MMG_ISA_TABLE(kCombineKernels); }
 
 namespace {
 

@@ -75,18 +75,7 @@ constexpr int64_t kPrefetchBytes = int64_t(4) << 10;
 // Outputs at least this large bypass the cache (written once, not read back here).
 constexpr int64_t kStreamOutBytes = int64_t(16) << 20;
 
-const GradDropKernels& graddrop_kernels() {
-  switch (cpu_isa()) {
-#if MMG_X86
-    case Isa::Avx512:
-      return avx512::kGradDropKernels;
-    case Isa::Avx2:
-      return avx2::kGradDropKernels;
-#endif
-    default:
-      return generic::kGradDropKernels;
-  }
-}
+const GradDropKernels& graddrop_kernels() { return MMG_ISA_TABLE(kGradDropKernels); }
 
 // torch's cascade_sum run length: 2^max(4, ceil(log2 K) / 4).
 int level_power(int64_t K) {

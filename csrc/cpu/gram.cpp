@@ -24,18 +24,7 @@
 namespace mmgrad {
 namespace cpu {
 
-const GramKernels& gram_kernels() {
-  switch (cpu_isa()) {
-#if MMG_X86
-    case Isa::Avx512:
-      return avx512::kGramKernels;
-    case Isa::Avx2:
-      return avx2::kGramKernels;
-#endif
-    default:
-      return generic::kGramKernels;
-  }
-}
+const GramKernels& gram_kernels() { return MMG_ISA_TABLE(kGramKernels); }
 
 namespace {
 

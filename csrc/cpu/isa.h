@@ -33,6 +33,17 @@ enum class Isa { Default = 0, Avx2 = 1, Avx512 = 2 };
 Isa cpu_isa();
 const char* isa_name(Isa isa);
 
+// The kernel table `name` of the ISA cpu_isa() picks, among the per-ISA copies for_each_isa.h
+// makes of a kernel file (namespaces avx512, avx2, generic).
+#if MMG_X86
+#define MMG_ISA_TABLE(name)                                 \
+  (cpu_isa() == ::mmgrad::cpu::Isa::Avx512 ? avx512::name  \
+   : cpu_isa() == ::mmgrad::cpu::Isa::Avx2 ? avx2::name    \
+                                           : generic::name)
+#else
+#define MMG_ISA_TABLE(name) (generic::name)
+#endif
+
 // Vector types of VB bytes. The typedefs live in a struct because GCC drops vector_size on
 // dependent alias templates.
 template <int VB>

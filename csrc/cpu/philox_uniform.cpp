@@ -44,18 +44,7 @@ namespace {
 
 constexpr int64_t kChunk = int64_t(1) << 14;  // outputs per parallel task
 
-const UniformKernels& uniform_kernels() {
-  switch (cpu_isa()) {
-#if MMG_X86
-    case Isa::Avx512:
-      return avx512::kUniformKernels;
-    case Isa::Avx2:
-      return avx2::kUniformKernels;
-#endif
-    default:
-      return generic::kUniformKernels;
-  }
-}
+const UniformKernels& uniform_kernels() { return MMG_ISA_TABLE(kUniformKernels); }
 
 at::Tensor philox_uniform(const at::Tensor& seed, const at::Tensor& counter, int64_t n,
                           const std::optional<at::Tensor>& index, at::ScalarType dtype,

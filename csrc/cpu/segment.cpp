@@ -23,18 +23,7 @@
 namespace mmgrad {
 namespace cpu {
 
-const SegmentKernels& segment_kernels() {
-  switch (cpu_isa()) {
-#if MMG_X86
-    case Isa::Avx512:
-      return avx512::kSegmentKernels;
-    case Isa::Avx2:
-      return avx2::kSegmentKernels;
-#endif
-    default:
-      return generic::kSegmentKernels;
-  }
-}
+const SegmentKernels& segment_kernels() { return MMG_ISA_TABLE(kSegmentKernels); }
 
 namespace {
 
