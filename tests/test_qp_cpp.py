@@ -272,3 +272,22 @@ def test_normalized_uses_the_torch_ops_where_it_must(monkeypatch):
     monkeypatch.setenv("MMGRAD_BACKEND", "reference")
     base.normalized(G.detach())
     assert calls == [1, 1]
+
+
+def test_dual_cone_batches_are_the_same_on_any_thread_count():
+    """Costly batches (rank-deficient Grams: ~10 active-set iterations per problem) are split over
+    threads after the first problem; every problem's result must not depend on it."""
+    g = torch.Generator().manual_seed(5)
+    J = torch.randn(64, 24, generator=g, dtype=F64) @ torch.randn(24, 2000, generator=g, dtype=F64)
+    G = _normalized(J @ J.T) + 1e-4 * torch.eye(64, dtype=F64)
+    U = torch.eye(64, dtype=F64) / 64
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(C.project_dual_cone(G, U, 20, _qp.RIDGE, _qp.TOL, _qp.BACKUP))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+    torch.testing.assert_close(results[0], _qp.project_dual_cone_torch(G, U, 20), rtol=1e-9, atol=1e-12)

@@ -15,6 +15,7 @@
 // is indefinite by rounding, e.g. near-parallel rows of a float32 Gram) or a G that is not exactly
 // symmetric falls back to LU with partial pivoting, the factorisation the torch solve uses.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -160,6 +161,10 @@ class FaceSolver {
   bool cholesky_ = false;
 };
 
+// Factorization work (sum of n^3 over the free blocks) of one dual-cone problem above which the
+// remaining problems of a batch are split over threads: ~0.02 ms of factoring per problem.
+constexpr double kSplitWork = 1e5;
+
 // The solver settings every op takes.
 struct Budget {
   int64_t iters;
@@ -273,9 +278,13 @@ class DualConeSolver {
       face_.factor(free_.data(), n);
       face_.solve(x_.data());
       for (int64_t r = 0; r < n; ++r) v[free_[r]] = x_[r];
+      factor_work_ += static_cast<double>(n) * n * n;
     }
     for (int64_t j = 0; j < K; ++j) out[j] = nan_max(v[j], u[j]);
   }
+
+  // Sum of n^3 over the free blocks factored so far (a measure of the work done).
+  double factor_work() const { return factor_work_; }
 
  private:
   // Packs the nonzero entries of x into (idx_, val_); returns their count.
@@ -297,6 +306,7 @@ class DualConeSolver {
   std::vector<double> v_, x_, val_;
   std::vector<int64_t> idx_, free_;
   std::vector<uint8_t> tight_, infeasible_;
+  double factor_work_ = 0.0;
 };
 
 at::Tensor project_dual_cone(const at::Tensor& G_in, const at::Tensor& U_in, int64_t iters,
@@ -319,13 +329,20 @@ at::Tensor project_dual_cone(const at::Tensor& G_in, const at::Tensor& U_in, int
   if (budget.iters > 0 && !all_finite(g, K * K))
     return out.fill_(std::numeric_limits<double>::quiet_NaN());
   const at::Tensor Gt = symmetric ? G : G.t().contiguous();
-  // The B problems are independent but run on one thread: a K = 64 UPGrad takes ~0.25 ms, and
-  // splitting even K = 128..256 batches over two threads was slower on a shared 2-core machine
-  // (waking, and waiting for, a descheduled worker).
-  DualConeSolver solver(g, Gt.data_ptr<double>(), K, symmetric, budget);
+  // The B problems are independent. They run on one thread unless the first one shows they are
+  // costly: a typical K = 64 UPGrad takes ~0.25 ms, and splitting such batches (even K = 128..256)
+  // over two threads was slower on a shared 2-core machine (waking, and waiting for, a
+  // descheduled worker); rank-deficient Grams need ~10 active-set iterations per problem
+  // (1-3 ms at K = 64), where a split pays. Each problem's result is the same on any thread.
   const double* u = U.data_ptr<double>();
   double* o = out.data_ptr<double>();
-  for (int64_t b = 0; b < B; ++b) solver.run(u + b * K, o + b * K);
+  DualConeSolver first(g, Gt.data_ptr<double>(), K, symmetric, budget);
+  first.run(u, o);
+  const bool split = B > 16 && first.factor_work() > kSplitWork;
+  at::parallel_for(1, B, split ? 1 : B, [&](int64_t b0, int64_t b1) {
+    DualConeSolver solver(g, Gt.data_ptr<double>(), K, symmetric, budget);
+    for (int64_t b = b0; b < b1; ++b) solver.run(u + b * K, o + b * K);
+  });
   return out;
 }
 
