@@ -290,4 +290,6 @@ def test_dual_cone_batches_are_the_same_on_any_thread_count():
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(r, results[0]) for r in results[1:])
+    empty = C.project_dual_cone(G, U[:0], 20, _qp.RIDGE, _qp.TOL, _qp.BACKUP)  # no problem at all
+    assert empty.shape == (0, 64)
     torch.testing.assert_close(results[0], _qp.project_dual_cone_torch(G, U, 20), rtol=1e-9, atol=1e-12)

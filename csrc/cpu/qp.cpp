@@ -334,15 +334,19 @@ at::Tensor project_dual_cone(const at::Tensor& G_in, const at::Tensor& U_in, int
   // over two threads was slower on a shared 2-core machine (waking, and waiting for, a
   // descheduled worker); rank-deficient Grams need ~10 active-set iterations per problem
   // (1-3 ms at K = 64), where a split pays. Each problem's result is the same on any thread.
+  if (B == 0) return out;
   const double* u = U.data_ptr<double>();
   double* o = out.data_ptr<double>();
   DualConeSolver first(g, Gt.data_ptr<double>(), K, symmetric, budget);
   first.run(u, o);
-  const bool split = B > 16 && first.factor_work() > kSplitWork;
-  at::parallel_for(1, B, split ? 1 : B, [&](int64_t b0, int64_t b1) {
-    DualConeSolver solver(g, Gt.data_ptr<double>(), K, symmetric, budget);
-    for (int64_t b = b0; b < b1; ++b) solver.run(u + b * K, o + b * K);
-  });
+  if (B > 16 && first.factor_work() > kSplitWork) {
+    at::parallel_for(1, B, 1, [&](int64_t b0, int64_t b1) {
+      DualConeSolver solver(g, Gt.data_ptr<double>(), K, symmetric, budget);
+      for (int64_t b = b0; b < b1; ++b) solver.run(u + b * K, o + b * K);
+    });
+  } else {
+    for (int64_t b = 1; b < B; ++b) first.run(u + b * K, o + b * K);
+  }
   return out;
 }
 
