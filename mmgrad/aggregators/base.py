@@ -44,11 +44,15 @@ def to_solve(G: torch.Tensor) -> torch.Tensor:
     return G.detach().to(solve_dtype(G.device))
 
 
+def _cpp_serves(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CPU tensor and the C++ backend is the one selected for the CPU."""
+    return t.device.type == "cpu" and ops.resolve_backend(t.device) == "cpp"
+
+
 def use_cpp_solver(*tensors: torch.Tensor) -> bool:
     """Whether a solver's C++ kernel serves these tensors: float64 on the CPU (what ``to_solve``
     gives there) with the C++ backend selected; otherwise the solver's torch code runs."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float64 for t in tensors)
-            and ops.resolve_backend(tensors[0].device) == "cpp")
+    return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors) and _cpp_serves(tensors[0])
 
 
 def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,7 +72,7 @@ def normalized(G: torch.Tensor, eps: float = 0.0, reg: float = 0.0) -> torch.Ten
     plus ``reg`` on the diagonal. On CPU tensors served by the C++ backend, in plain eager mode,
     one C++ op (``csrc/cpu/trace_normalized.cpp``: the six to eight small torch ops cost more
     than most K x K solves); the torch ops otherwise."""
-    if G.device.type == "cpu" and plain_eager((G,)) and ops.resolve_backend(G.device) == "cpp":
+    if plain_eager((G,)) and _cpp_serves(G):
         return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
     Gn, _ = normalize_trace(to_solve(G), eps)
     if reg:
