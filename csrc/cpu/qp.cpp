@@ -162,8 +162,9 @@ class FaceSolver {
 };
 
 // Factorization work (sum of n^3 over the free blocks) of one dual-cone problem above which the
-// remaining problems of a batch are split over threads: ~0.02 ms of factoring per problem.
-constexpr double kSplitWork = 1e5;
+// remaining problems of a batch are split over threads: a typical K = 64 UPGrad problem (one
+// iteration, a free block of ~32) is just above it, K = 32 problems are far below.
+constexpr double kSplitWork = 3e4;
 
 // The solver settings every op takes.
 struct Budget {
@@ -185,11 +186,15 @@ bool exactly_symmetric(const double* G, int64_t K) {
   return true;
 }
 
-// Indices of the coordinates that are not tight; returns their count.
+// Indices of the coordinates that are not tight; returns their count. Branch-free (every slot is
+// written, the count advances on free ones): the pattern is data-dependent and mispredicted.
+// free has room for K entries.
 int64_t free_set(const uint8_t* tight, int64_t K, int64_t* free) {
   int64_t n = 0;
-  for (int64_t i = 0; i < K; ++i)
-    if (!tight[i]) free[n++] = i;
+  for (int64_t i = 0; i < K; ++i) {
+    free[n] = i;
+    n += !tight[i];
+  }
   return n;
 }
 
@@ -227,54 +232,59 @@ at::Tensor normalized_on_simplex(const std::vector<double>& a, const at::TensorO
   return out;
 }
 
-// sum_k val[k] * row[idx[k]], four partial sums as in dot().
-double gather_dot(const double* row, const int64_t* idx, const double* val, int64_t m) {
-  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-  int64_t k = 0;
-  for (; k + 4 <= m; k += 4) {
-    s0 += val[k] * row[idx[k]];
-    s1 += val[k + 1] * row[idx[k + 1]];
-    s2 += val[k + 2] * row[idx[k + 2]];
-    s3 += val[k + 3] * row[idx[k + 3]];
+// out[j] = sum_k val[k] * G[idx[k]][j] for all K columns j, summed in order of k, eight columns at
+// a time in registers (contiguous rows: vectorised loads, where a dot product per column would
+// gather).
+void combine_rows(const double* G, int64_t K, const int64_t* idx, const double* val, int64_t m,
+                  double* out) {
+  constexpr int64_t W = 8;
+  int64_t c = 0;
+  for (; c + W <= K; c += W) {
+    double acc[W] = {};
+    for (int64_t k = 0; k < m; ++k) {
+      const double* row = G + idx[k] * K + c;
+      const double a = val[k];
+      for (int64_t j = 0; j < W; ++j) acc[j] += a * row[j];
+    }
+    for (int64_t j = 0; j < W; ++j) out[c + j] = acc[j];
   }
-  for (; k < m; ++k) s0 += val[k] * row[idx[k]];
-  return (s0 + s1) + (s2 + s3);
+  for (; c < K; ++c) {
+    double acc = 0.0;
+    for (int64_t k = 0; k < m; ++k) acc += val[k] * G[idx[k] * K + c];
+    out[c] = acc;
+  }
 }
 
 // The problems of project_dual_cone, min v^T G v s.t. v >= u, one after the other with the same
-// scratch. The multipliers are the columns G^T v (the torch solver's V @ G), read as rows of Gt.
-// v and the fixed part of the right-hand side are sparse for UPGrad (u = pref_i e_i, the free set
-// about half of K), so the products run over their nonzero entries only (G is finite: the caller
-// handles the other case).
+// scratch. The multipliers are the columns G^T v (the torch solver's V @ G): combinations of the
+// rows of G over the nonzero entries of v, which is sparse for UPGrad (u = pref_i e_i, the free set
+// about half of K), as is the fixed part of the right-hand side (G is finite: the caller handles
+// the other case).
 class DualConeSolver {
  public:
-  DualConeSolver(const double* G, const double* Gt, int64_t K, bool symmetric,
-                 const Budget& budget)
-      : Gt_(Gt), K_(K), budget_(budget), face_(G, K, symmetric, budget.ridge),
-        v_(K), x_(K), val_(K), idx_(K), free_(K), tight_(K), infeasible_(K) {}
+  DualConeSolver(const double* G, int64_t K, bool symmetric, const Budget& budget)
+      : G_(G), K_(K), budget_(budget), face_(G, K, symmetric, budget.ridge),
+        v_(K), x_(K), val_(K), Gv_(K), idx_(K), free_(K), tight_(K), infeasible_(K) {}
 
   // out <- max(v, u) for the last iterate v.
   void run(const double* u, double* out) {
     const int64_t K = K_;
     double* v = v_.data();
+    double* Gv = Gv_.data();
     uint8_t* tight = tight_.data();
     std::fill(tight, tight + K, uint8_t(1));
     std::copy(u, u + K, v);
     Pivoting pivoting(K, budget_.backup);
     for (int64_t it = 0; it < budget_.iters; ++it) {
-      const int64_t m = support(v);
-      for (int64_t j = 0; j < K; ++j) {
-        infeasible_[j] = tight[j]
-                             ? gather_dot(Gt_ + j * K, idx_.data(), val_.data(), m) < -budget_.tol
-                             : v[j] < u[j] - budget_.tol;
-      }
+      combine_rows(G_, K, idx_.data(), val_.data(), support(v), Gv);
+      for (int64_t j = 0; j < K; ++j)
+        infeasible_[j] = tight[j] ? Gv[j] < -budget_.tol : v[j] < u[j] - budget_.tol;
       if (!pivoting.exchange(infeasible_.data(), tight, K)) break;
       // Fixed coordinates stay at u; the free block solves G_FF v_F = -(G^T u_A)_F.
       for (int64_t j = 0; j < K; ++j) v[j] = tight[j] ? u[j] : 0.0;
-      const int64_t fixed = support(v);
+      combine_rows(G_, K, idx_.data(), val_.data(), support(v), Gv);
       const int64_t n = free_set(tight, K, free_.data());
-      for (int64_t r = 0; r < n; ++r)
-        x_[r] = -gather_dot(Gt_ + free_[r] * K, idx_.data(), val_.data(), fixed);
+      for (int64_t r = 0; r < n; ++r) x_[r] = -Gv[free_[r]];
       face_.factor(free_.data(), n);
       face_.solve(x_.data());
       for (int64_t r = 0; r < n; ++r) v[free_[r]] = x_[r];
@@ -287,23 +297,23 @@ class DualConeSolver {
   double factor_work() const { return factor_work_; }
 
  private:
-  // Packs the nonzero entries of x into (idx_, val_); returns their count.
+  // Packs the nonzero entries of x into (idx_, val_); returns their count. Branch-free, as
+  // free_set.
   int64_t support(const double* x) {
     int64_t m = 0;
     for (int64_t i = 0; i < K_; ++i) {
-      if (x[i] != 0.0) {
-        idx_[m] = i;
-        val_[m++] = x[i];
-      }
+      idx_[m] = i;
+      val_[m] = x[i];
+      m += x[i] != 0.0;
     }
     return m;
   }
 
-  const double* Gt_;
+  const double* G_;
   const int64_t K_;
   const Budget budget_;
   FaceSolver face_;
-  std::vector<double> v_, x_, val_;
+  std::vector<double> v_, x_, val_, Gv_;
   std::vector<int64_t> idx_, free_;
   std::vector<uint8_t> tight_, infeasible_;
   double factor_work_ = 0.0;
@@ -328,20 +338,19 @@ at::Tensor project_dual_cone(const at::Tensor& G_in, const at::Tensor& U_in, int
   // depends on the LAPACK kernel; here every weight is NaN.
   if (budget.iters > 0 && !all_finite(g, K * K))
     return out.fill_(std::numeric_limits<double>::quiet_NaN());
-  const at::Tensor Gt = symmetric ? G : G.t().contiguous();
   // The B problems are independent. They run on one thread unless the first one shows they are
-  // costly: a typical K = 64 UPGrad takes ~0.25 ms, and splitting such batches (even K = 128..256)
-  // over two threads was slower on a shared 2-core machine (waking, and waiting for, a
-  // descheduled worker); rank-deficient Grams need ~10 active-set iterations per problem
-  // (1-3 ms at K = 64), where a split pays. Each problem's result is the same on any thread.
+  // costly: below ~5 us a problem, waking (and waiting for) a worker costs more than it saves; a
+  // typical K = 64 UPGrad (0.26 -> 0.14 ms split on two threads) and rank-deficient Grams (6-19
+  // active-set iterations a problem at K = 64) pay. Each problem's result is the same on any
+  // thread.
   if (B == 0) return out;
   const double* u = U.data_ptr<double>();
   double* o = out.data_ptr<double>();
-  DualConeSolver first(g, Gt.data_ptr<double>(), K, symmetric, budget);
+  DualConeSolver first(g, K, symmetric, budget);
   first.run(u, o);
   if (B > 16 && first.factor_work() > kSplitWork) {
     at::parallel_for(1, B, 1, [&](int64_t b0, int64_t b1) {
-      DualConeSolver solver(g, Gt.data_ptr<double>(), K, symmetric, budget);
+      DualConeSolver solver(g, K, symmetric, budget);
       for (int64_t b = b0; b < b1; ++b) solver.run(u + b * K, o + b * K);
     });
   } else {
