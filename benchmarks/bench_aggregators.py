@@ -13,7 +13,9 @@ For every K in --K and P in --P (fp32 J of shape (K, P)) it times
   full vectors), weights with ``.item()``-driven host solvers, then the result split back into
   per-parameter tensors (mean, mgda, pcgrad, imtl_g).
 
-and prints a markdown table of median times and the ratios mmgrad/floor and torchjd/mmgrad
+then the two kernels alone (``ops.gram``, ``ops.combine``) against one ``J.sum()``, and
+``weights(G)`` alone on rank-deficient Grams (the solvers' hard case: nearly singular faces), and
+prints markdown tables of median times and the ratios mmgrad/floor and torchjd/mmgrad
 (``--out FILE`` appends it to FILE). Times are medians of ``--repeat`` runs after one warm-up.
 
     python benchmarks/bench_aggregators.py --quick
@@ -193,6 +195,40 @@ def kernel_row(J, K, P, repeat, dev):
             f"| {fmt_r((t_agg - t_gram - t_comb) / floor)} |")
 
 
+# Gram matrices the active-set solvers find hardest: rows spanning a subspace of dimension
+# rank < K (J = A B with A of K x rank), whose faces are nearly singular; "full" is J of K random
+# rows, the benchmark's J.
+SOLVER_RANKS = {"full": None, "rank K/4": 4, "rank K/2": 2, "rank 3K/4": 4 / 3}
+SOLVER_SEEDS = 3
+
+
+def hard_gram(K, kind, seed, dev):
+    g = torch.Generator(device=dev).manual_seed(seed)
+    if SOLVER_RANKS[kind] is None:
+        J = torch.randn(K, 4096, generator=g, device=dev, dtype=torch.float64)
+    else:
+        rank = max(1, round(K / SOLVER_RANKS[kind]))
+        J = (torch.randn(K, rank, generator=g, device=dev, dtype=torch.float64)
+             @ torch.randn(rank, 4096, generator=g, device=dev, dtype=torch.float64))
+    return ops.gram(J.float())
+
+
+def solver_rows(Ks, methods, repeat, dev):
+    """``weights(G)`` of every Gram-based method on the Grams of SOLVER_RANKS: the slowest of
+    SOLVER_SEEDS seeds (median of ``repeat`` calls each), in ms, one row per (method, K)."""
+    rows = []
+    for name in [m for m in methods if A.get(m).gramian_based]:
+        for K in Ks:
+            cells = []
+            for kind in SOLVER_RANKS:
+                agg = A.get(name)
+                worst = max(timeit(lambda: agg.weights(G), repeat, dev)
+                            for G in (hard_gram(K, kind, seed, dev) for seed in range(SOLVER_SEEDS)))
+                cells.append(fmt_t(worst))
+            rows.append(f"| {name} | {K} | " + " | ".join(cells) + " |")
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
 def fmt_t(t):
     if t is None or (isinstance(t, float) and math.isnan(t)):
@@ -216,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--no-libmtl", action="store_true")
     ap.add_argument("--peer-budget", type=float, default=20.0,
                     help="seconds after which a peer's repeats stop (slow torchjd/LibMTL cells)")
+    ap.add_argument("--no-solver-table", action="store_true",
+                    help="skip the table of weights(G) on rank-deficient Grams")
     ap.add_argument("--out", help="append the markdown table to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -271,6 +309,13 @@ def main(argv=None):
             del J, G, per_task
     lines += ["", KERNEL_HEADER, "|" + "---|" * 8] + kernels
     print("\n" + "\n".join(lines[-len(kernels) - 2:]), flush=True)
+    if not args.no_solver_table:
+        solvers = solver_rows(args.K, args.methods, max(args.repeat, 20), dev)
+        solver_header = ("| method | K | " + " | ".join(f"{kind} ms" for kind in SOLVER_RANKS)
+                         + " |")
+        lines += ["", f"`weights(G)` alone, slowest of {SOLVER_SEEDS} seeds:", "", solver_header,
+                  "|" + "---|" * (2 + len(SOLVER_RANKS))] + solvers
+        print("\n" + "\n".join(lines[-len(solvers) - 4:]), flush=True)
     total = time.perf_counter() - t_all
     meta = (f"\n_{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, device {dev}, fp32 J, median of {args.repeat}; "
