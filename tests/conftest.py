@@ -99,6 +99,35 @@ def random_gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.
     return (G + G.T) / 2 * scale
 
 
+def solver_tol(kind: str, regularised: bool) -> float:
+    """Relative agreement to expect between two backends' QP solvers (same iteration, different
+    factorisations). The regularised (+1e-4 I) dual-cone faces have condition number <= ~1e4.
+    Without that, faces of a rank-deficient G (low rank, duplicate or near-parallel rows) are
+    singular up to the 1e-12 ridge (condition ~1e12): two backward-stable solves of the same
+    system then agree to ~1e-4 only. (Zero rows are singular too, but decoupled: their 1 / ridge
+    entries are exact.)"""
+    if regularised or kind not in ("low_rank", "duplicates", "near_parallel"):
+        return 1e-12
+    return 1e-3
+
+
+def assert_rows_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
+    """Every row of ``got`` within ``rtol`` x (largest entry of that row of ``want``)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    want2, got2 = want.reshape(-1, want.shape[-1]), got.reshape(-1, got.shape[-1])
+    scale = want2.abs().amax(dim=1, keepdim=True)
+    err = (got2 - want2).abs()
+    assert torch.isfinite(got2).all() and (err <= rtol * scale).all(), (err / scale).max()
+
+
+def cagrad_inputs(Gn: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(b, s)`` of the CAGrad dual for the normalised Gram ``Gn``: ``b = Gn u``,
+    ``s = c |g_0|`` with ``u`` uniform."""
+    u = torch.full((Gn.shape[0],), 1.0 / Gn.shape[0], dtype=Gn.dtype, device=Gn.device)
+    b = Gn @ u
+    return b, c * (u @ b).clamp(min=0).sqrt()
+
+
 @pytest.fixture
 def gen(request):
     """A generator seeded from the test's id: each test draws its own reproducible inputs;

@@ -6,13 +6,13 @@ Both sides run the same iteration with the same budget; the C++ side factors onl
 (Cholesky for an exactly symmetric G, LU, as the torch solve, for the rest and for faces that are
 indefinite by rounding) and stops at a fixed point, so results agree to rounding: 1e-12 relative
 where the face systems are well conditioned, and condition number x machine epsilon where they are
-singular up to the 1e-12 ridge (see ``_tol``).
+singular up to the 1e-12 ridge (see ``conftest.solver_tol``).
 """
 
 
 import pytest
 import torch
-from conftest import REQUIRE_CPP, random_gram
+from conftest import REQUIRE_CPP, assert_rows_close, cagrad_inputs, random_gram, solver_tol
 
 import mmgrad
 from mmgrad import ops
@@ -38,33 +38,6 @@ def _normalized(G: torch.Tensor) -> torch.Tensor:
     return mmgrad.aggregators.base.normalize_trace(G)[0]
 
 
-def _tol(kind: str, regularised: bool) -> float:
-    """Relative agreement to expect. The regularised (+1e-4 I) dual-cone faces have condition
-    number <= ~1e4. Without that, faces of a rank-deficient G (low rank, duplicate or
-    near-parallel rows) are singular up to the 1e-12 ridge (condition ~1e12): two backward-stable
-    solves of the same system then agree to ~1e-4 only. (Zero rows are singular too, but
-    decoupled: their 1 / ridge entries are exact.)"""
-    if regularised or kind not in ("low_rank", "duplicates", "near_parallel"):
-        return 1e-12
-    return 1e-3
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float) -> None:
-    """Every row of ``got`` within ``rtol`` x (largest entry of that row of ``want``)."""
-    assert got.shape == want.shape and got.dtype == want.dtype
-    want2, got2 = want.reshape(-1, want.shape[-1]), got.reshape(-1, got.shape[-1])
-    scale = want2.abs().amax(dim=1, keepdim=True)
-    err = (got2 - want2).abs()
-    assert torch.isfinite(got2).all() and (err <= rtol * scale).all(), (err / scale).max()
-
-
-def _cagrad_inputs(Gn: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-    K = Gn.shape[0]
-    u = torch.full((K,), 1.0 / K, dtype=F64)
-    b = Gn @ u
-    return b, c * (u @ b).clamp(min=0).sqrt()
-
-
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_dual_cone_matches_torch(K, kind, scale, gen):
     Gn = _normalized(random_gram(K, kind, scale, gen))
@@ -75,7 +48,7 @@ def test_dual_cone_matches_torch(K, kind, scale, gen):
         iters = _qp.default_iters(K)
         want = _qp.project_dual_cone_torch(Gr, U, iters)
         got = C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
-        _assert_close(got, want, _tol(kind, reg > 0))
+        assert_rows_close(got, want, solver_tol(kind, reg > 0))
 
 
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
@@ -84,7 +57,7 @@ def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
     iters = _qp.default_iters(K)
     want = _qp.min_norm_simplex_torch(Gn, iters)
     got = C.min_norm_simplex(Gn, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
-    _assert_close(got, want, _tol(kind, False))
+    assert_rows_close(got, want, solver_tol(kind, False))
     # The min-norm point itself (Gram coordinates, trace-1 scale) is well conditioned even where
     # the weights are not.
     assert (Gn @ got - Gn @ want).abs().max() <= 1e-14
@@ -95,10 +68,10 @@ def test_cagrad_dual_matches_torch(K, kind, scale, gen):
     Gn = _normalized(random_gram(K, kind, scale, gen))
     iters = _qp.default_iters(K, cagrad.CAGRAD_ITERS)
     for c in (0.1, 0.5, 2.0):
-        b, s = _cagrad_inputs(Gn, c)
+        b, s = cagrad_inputs(Gn, c)
         want = cagrad.cagrad_dual_torch(Gn, b, s, iters)
         got = C.cagrad_dual(Gn, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX)
-        _assert_close(got, want, _tol(kind, False))
+        assert_rows_close(got, want, solver_tol(kind, False))
 
 
 @pytest.mark.parametrize("iters", [0, 1, 2, 3])
@@ -109,12 +82,12 @@ def test_small_budgets_agree_before_convergence(K, iters, gen):
     Gn = _normalized(random_gram(K, "low_rank", 1.0, gen))
     Gr = Gn + 1e-4 * torch.eye(K, dtype=F64)
     U = torch.eye(K, dtype=F64) / K
-    _assert_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
-    _assert_close(C.min_norm_simplex(Gr, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.min_norm_simplex(Gr, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.min_norm_simplex_torch(Gr, iters), 1e-12)
-    b, s = _cagrad_inputs(Gr, 0.5)
-    _assert_close(C.cagrad_dual(Gr, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+    b, s = cagrad_inputs(Gr, 0.5)
+    assert_rows_close(C.cagrad_dual(Gr, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
                   cagrad.cagrad_dual_torch(Gr, b, s, iters), 1e-12)
 
 
@@ -129,13 +102,13 @@ def test_asymmetric_gram_takes_the_lu_path(K, kind, gen):
     Gr = G + 1e-4 * torch.eye(K, dtype=F64)
     U = torch.eye(K, dtype=F64) / K
     iters = _qp.default_iters(K)
-    _assert_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
-    _assert_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
-                  _qp.min_norm_simplex_torch(G, iters), _tol(kind, False))
-    b, s = _cagrad_inputs(G, 0.5)
-    _assert_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
-                  cagrad.cagrad_dual_torch(G, b, s, iters), _tol(kind, False))
+    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                  _qp.min_norm_simplex_torch(G, iters), solver_tol(kind, False))
+    b, s = cagrad_inputs(G, 0.5)
+    assert_rows_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+                  cagrad.cagrad_dual_torch(G, b, s, iters), solver_tol(kind, False))
 
 
 @pytest.mark.parametrize("K", [3, 8, 16])
@@ -148,13 +121,13 @@ def test_indefinite_faces_fall_back_to_lu(K, gen):
     G = Q @ torch.diag(lam) @ Q.T
     G = _normalized((G + G.T) / 2)
     iters = _qp.default_iters(K)
-    _assert_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.min_norm_simplex_torch(G, iters), 1e-12)
     U = torch.eye(K, dtype=F64) / K
-    _assert_close(C.project_dual_cone(G, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.project_dual_cone(G, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.project_dual_cone_torch(G, U, iters), 1e-12)
-    b, s = _cagrad_inputs(G, 0.5)
-    _assert_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
+    b, s = cagrad_inputs(G, 0.5)
+    assert_rows_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
                   cagrad.cagrad_dual_torch(G, b, s, iters), 1e-12)
 
 
@@ -175,7 +148,7 @@ def test_functions_route_by_backend(monkeypatch, gen):
     K = 16
     G = _normalized(random_gram(K, "low_rank", 1.0, gen)) + 1e-4 * torch.eye(K, dtype=F64)
     U = torch.eye(K, dtype=F64) / K
-    b, s = _cagrad_inputs(G, 0.5)
+    b, s = cagrad_inputs(G, 0.5)
     it = _qp.default_iters(K)
     runs = {
         "dual_cone": (lambda G, U, b, s: _qp.project_dual_cone(G, U),
@@ -233,7 +206,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_custom_ops_pass_opcheck(gen):
     K = 8
     G = _normalized(random_gram(K, "full", 1.0, gen))
-    b, s = _cagrad_inputs(G, 0.5)
+    b, s = cagrad_inputs(G, 0.5)
     torch.library.opcheck(_qp._project_dual_cone_op.op, (G, torch.eye(K, dtype=F64) / K, 10, _qp.RIDGE, _qp.TOL))
     torch.library.opcheck(_qp._min_norm_simplex_op.op, (G, 10, _qp.RIDGE, _qp.TOL))
     torch.library.opcheck(cagrad._cagrad_dual_op.op, (G, b, s, 10, _qp.RIDGE, _qp.TOL))

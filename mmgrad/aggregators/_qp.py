@@ -15,7 +15,9 @@ solvable; it moves the solution by O(ridge).
 :func:`project_dual_cone` and :func:`min_norm_simplex` are ``torch.library`` custom ops: float64
 CPU tensors go to the C++ kernels of ``csrc/cpu/qp.cpp`` when the C++ backend serves the CPU (same
 iteration, but it factors only the free block and stops once an iteration exchanges nothing, which
-a CPU can do without a sync); every other case runs the torch solvers ``*_torch`` below.
+a CPU can do without a sync); float64 tensors the Triton backend serves (CUDA by default), K <= 64,
+to the one-launch kernels of ``mmgrad/triton/solvers.py`` (same iteration and stop); every other
+case runs the torch solvers ``*_torch`` below.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
-from .base import use_cpp_solver
+from .base import use_cpp_solver, use_triton_solver
 
 #: Default budgets. With the pivoting rule below the active set is identified in 1-8 iterations for
 #: random K <= 64 problems of every rank (measured; rare rank-deficient K >= 16 cases need ~20);
@@ -86,6 +88,9 @@ def _project_dual_cone_op(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: f
                           tol: float) -> torch.Tensor:
     if use_cpp_solver(G, U):
         return torch.ops.mmgrad_C.project_dual_cone(G, U, iters, ridge, tol, BACKUP)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.project_dual_cone(G, U.to(G.dtype), iters, ridge, tol, BACKUP)
     return project_dual_cone_torch(G, U, iters, ridge, tol)
 
 
@@ -150,6 +155,9 @@ def min_norm_simplex(G: torch.Tensor, iters: int | None = None, ridge: float = R
 def _min_norm_simplex_op(G: torch.Tensor, iters: int, ridge: float, tol: float) -> torch.Tensor:
     if use_cpp_solver(G):
         return torch.ops.mmgrad_C.min_norm_simplex(G, iters, ridge, tol, BACKUP)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.min_norm_simplex(G, iters, ridge, tol, BACKUP)
     return min_norm_simplex_torch(G, iters, ridge, tol)
 
 

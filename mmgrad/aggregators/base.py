@@ -17,6 +17,7 @@ Solver rules shared by every method (tested in ``tests/test_aggregators.py``):
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import torch
@@ -53,6 +54,23 @@ def use_cpp_solver(*tensors: torch.Tensor) -> bool:
     """Whether a solver's C++ kernel serves these tensors: float64 on the CPU (what ``to_solve``
     gives there) with the C++ backend selected; otherwise the solver's torch code runs."""
     return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors) and _cpp_serves(tensors[0])
+
+
+def use_triton_solver(G: torch.Tensor) -> bool:
+    """Whether a solver's Triton kernel (:mod:`mmgrad.triton.solvers`) serves ``G``: the Triton
+    backend selected for its device (CUDA tensors by default; CPU tensors under TRITON_INTERPRET=1
+    with ``MMGRAD_BACKEND=triton``), float64, K <= ``solvers.MAX_K``. Checked before importing
+    the kernels, which need triton."""
+    if G.dtype != torch.float64 or G.device.type == "cpu" and not _interpreting():
+        return False
+    if ops.resolve_backend(G.device) != "triton":
+        return False
+    from mmgrad.triton import solvers
+    return solvers.serves(G)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

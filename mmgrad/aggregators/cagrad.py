@@ -10,7 +10,7 @@ from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_cpp_solver
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_cpp_solver, use_triton_solver
 
 #: Cap of the default budget ``min(CAGRAD_ITERS, K + 2)`` of :func:`cagrad_dual` iterations (each
 #: one masked K x K solve with 2 right-hand sides).
@@ -22,7 +22,8 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int | 
                 ridge: float = RIDGE, tol: float = TOL) -> torch.Tensor:
     """:func:`cagrad_dual_torch`, through the custom op that runs the C++ kernel of
     ``csrc/cpu/qp.cpp`` on float64 CPU tensors (same iteration on the free block only, stopping
-    once an iteration exchanges nothing)."""
+    once an iteration exchanges nothing) and the Triton kernel of ``mmgrad/triton/solvers.py``
+    where the Triton backend serves ``G`` (one launch, same iteration and stop)."""
     if iters is None:
         iters = default_iters(G.shape[0], CAGRAD_ITERS)
     return _cagrad_dual_op(G, b, s, iters, ridge, tol)
@@ -33,6 +34,10 @@ def _cagrad_dual_op(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: in
                     tol: float) -> torch.Tensor:
     if use_cpp_solver(G, b, s):
         return torch.ops.mmgrad_C.cagrad_dual(G, b, s, iters, ridge, tol, BACKUP, _KAPPA_MAX)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.cagrad_dual(G, b.to(G.dtype), s.to(G.dtype), iters, ridge, tol, BACKUP,
+                                   _KAPPA_MAX)
     return cagrad_dual_torch(G, b, s, iters, ridge, tol)
 
 

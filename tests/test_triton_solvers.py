@@ -1,0 +1,200 @@
+"""The Triton QP solvers (mmgrad/triton/solvers.py: dual-cone projection, min-norm point of the
+simplex, CAGrad dual; one launch each) against the torch solvers of mmgrad.aggregators.
+
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (slow: K <= 16 for the
+exhaustive cases, one K = 33 / 64 case each). Both sides run the same iteration with the same
+budget; the kernels solve each face by LU with partial pivoting on the padded tile and stop at a
+fixed point, so results agree to rounding, with the tolerances of the C++ solvers
+(``conftest.solver_tol``).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
+    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set",
+                allow_module_level=True)
+
+from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises,  # noqa: E402
+                      random_gram, solver_tol)
+
+import mmgrad  # noqa: E402
+from mmgrad import ops  # noqa: E402
+from mmgrad.aggregators import _qp, base, cagrad  # noqa: E402
+from mmgrad.triton import solvers  # noqa: E402
+
+# The non-finite Gram makes numpy (inside the interpreter) warn; that is expected.
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
+F64 = torch.float64
+DEV = "cuda" if torch.cuda.is_available() and not triton.knobs.runtime.interpret else "cpu"
+KINDS = ("full", "low_rank", "zero_rows", "duplicates", "near_parallel", "float32_gram")
+CASES = [(K, kind) for K in (1, 2, 3, 5, 8, 16) for kind in KINDS] + [(33, "low_rank"), (64, "full")]
+CASE_IDS = [f"K{K}-{kind}" for K, kind in CASES]
+ARGS = (_qp.RIDGE, _qp.TOL, _qp.BACKUP)
+
+
+def _gram(K, kind, gen, scale=1.0):
+    return base.normalize_trace(random_gram(K, kind, scale, gen))[0]
+
+
+def _rows(K, gen):
+    """A few dual-cone problems: UPGrad's rows pref_i e_i (first, middle, last), DualProj's pref
+    and a row with negative entries; fewer for K = 64 (the interpreter is slow)."""
+    pref = torch.rand(K, generator=gen, dtype=F64) + 0.1
+    picks = sorted({0, K // 2, K - 1})
+    U = torch.cat([torch.diag(pref)[picks], pref[None], torch.rand(1, K, generator=gen, dtype=F64) - 0.3])
+    return U[:2] if K > 32 else U
+
+
+@pytest.mark.parametrize("K,kind", CASES, ids=CASE_IDS)
+def test_dual_cone_matches_torch(K, kind, gen):
+    Gn = _gram(K, kind, gen)
+    U = _rows(K, gen)
+    iters = _qp.default_iters(K)
+    for reg in (1e-4, 0.0):
+        Gr = Gn + reg * torch.eye(K, dtype=F64)
+        want = _qp.project_dual_cone_torch(Gr, U, iters)
+        got = solvers.project_dual_cone(Gr.to(DEV), U.to(DEV), iters, *ARGS).cpu()
+        assert_rows_close(got, want, solver_tol(kind, reg > 0))
+
+
+@pytest.mark.parametrize("K,kind", CASES, ids=CASE_IDS)
+def test_min_norm_simplex_matches_torch(K, kind, gen):
+    Gn = _gram(K, kind, gen)
+    iters = _qp.default_iters(K)
+    want = _qp.min_norm_simplex_torch(Gn, iters)
+    got = solvers.min_norm_simplex(Gn.to(DEV), iters, *ARGS).cpu()
+    assert_rows_close(got, want, solver_tol(kind, False))
+    assert (Gn @ got - Gn @ want).abs().max() <= 1e-14  # the min-norm point itself
+
+
+@pytest.mark.parametrize("K,kind", CASES, ids=CASE_IDS)
+def test_cagrad_dual_matches_torch(K, kind, gen):
+    Gn = _gram(K, kind, gen)
+    iters = _qp.default_iters(K, cagrad.CAGRAD_ITERS)
+    for c in (0.1, 0.5, 2.0):
+        b, s = cagrad_inputs(Gn, c)
+        want = cagrad.cagrad_dual_torch(Gn, b, s, iters)
+        got = solvers.cagrad_dual(Gn.to(DEV), b.to(DEV), s.to(DEV), iters, *ARGS,
+                                  cagrad._KAPPA_MAX).cpu()
+        assert_rows_close(got, want, solver_tol(kind, False))
+
+
+@pytest.mark.parametrize("scale", [1e-10, 1e10])
+def test_scales(scale, gen):
+    """The solvers see trace-normalised Grams, so extreme gradient scales change nothing."""
+    K = 8
+    Gn = _gram(K, "full", gen, scale) + 1e-4 * torch.eye(K, dtype=F64)
+    U = _rows(K, gen)
+    assert_rows_close(solvers.project_dual_cone(Gn.to(DEV), U.to(DEV), 10, *ARGS).cpu(),
+                      _qp.project_dual_cone_torch(Gn, U, 10), 1e-12)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2, 3])
+def test_small_budgets_agree_before_convergence(iters, gen):
+    """With a budget too small to identify the active set both sides return the same unconverged
+    iterate (the kernels' early exit only fires at a fixed point)."""
+    K = 8
+    Gr = _gram(K, "low_rank", gen) + 1e-4 * torch.eye(K, dtype=F64)
+    U = torch.eye(K, dtype=F64)[:3] / K
+    assert_rows_close(solvers.project_dual_cone(Gr.to(DEV), U.to(DEV), iters, *ARGS).cpu(),
+                      _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
+    assert_rows_close(solvers.min_norm_simplex(Gr.to(DEV), iters, *ARGS).cpu(),
+                      _qp.min_norm_simplex_torch(Gr, iters), 1e-12)
+    b, s = cagrad_inputs(Gr, 0.5)
+    assert_rows_close(
+        solvers.cagrad_dual(Gr.to(DEV), b.to(DEV), s.to(DEV), iters, *ARGS, cagrad._KAPPA_MAX).cpu(),
+        cagrad.cagrad_dual_torch(Gr, b, s, iters), 1e-12)
+
+
+def test_asymmetric_and_indefinite_grams(gen):
+    """Multipliers read G as the torch solvers do (``V @ G``, ``G @ a``: an asymmetry large enough
+    to change the exchanges tells the two apart), and pivoting carries faces that rounding made
+    indefinite (here much exaggerated: one negative eigenvalue)."""
+    K = 6
+    G = _gram(K, "full", gen) + 0.3 * torch.triu(torch.rand(K, K, generator=gen, dtype=F64) - 0.5, 1)
+    Q, _ = torch.linalg.qr(torch.randn(K, K, generator=gen, dtype=F64))
+    lam = torch.rand(K, generator=gen, dtype=F64) + 0.5
+    lam[0] = -0.05
+    H = base.normalize_trace(Q @ torch.diag(lam) @ Q.T)[0]
+    H = (H + H.T) / 2
+    for M in (G, H):
+        U = torch.eye(K, dtype=F64) / K
+        assert_rows_close(solvers.project_dual_cone(M.to(DEV), U.to(DEV), 8, *ARGS).cpu(),
+                          _qp.project_dual_cone_torch(M, U, 8), 1e-12)
+        assert_rows_close(solvers.min_norm_simplex(M.to(DEV), 8, *ARGS).cpu(),
+                          _qp.min_norm_simplex_torch(M, 8), 1e-12)
+        b, s = cagrad_inputs(M, 0.5)
+        assert_rows_close(
+            solvers.cagrad_dual(M.to(DEV), b.to(DEV), s.to(DEV), 8, *ARGS, cagrad._KAPPA_MAX).cpu(),
+            cagrad.cagrad_dual_torch(M, b, s, 8), 1e-12)
+
+
+def test_non_finite_gram_gives_nan_weights():
+    """As the C++ solvers: a NaN multiplier would compare false and end the iteration with finite,
+    meaningless weights."""
+    K = 5
+    G = torch.eye(K, dtype=F64) / K
+    G[0, 2] = G[2, 0] = float("inf")
+    G, U = G.to(DEV), torch.eye(K, dtype=F64, device=DEV) / K
+    assert solvers.project_dual_cone(G, U, 7, *ARGS).isnan().all()
+    assert torch.equal(solvers.project_dual_cone(G, U, 0, *ARGS), U)
+    assert solvers.min_norm_simplex(G, 7, *ARGS).isnan().all()
+    b = torch.ones(K, dtype=F64, device=DEV)
+    s = torch.tensor(0.5, dtype=F64, device=DEV)
+    assert solvers.cagrad_dual(G, b, s, 7, *ARGS, cagrad._KAPPA_MAX).isnan().all()
+
+
+def test_empty_batch():
+    G = torch.eye(3, dtype=F64, device=DEV)
+    assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
+
+
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad"])
+def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen):
+    """Under the Triton backend the aggregators' solves go to these kernels (counted), and the
+    weights match the reference backend's; K > MAX_K keeps the torch solvers."""
+    K = 6
+    J = torch.randn(K, 40, generator=gen)
+    monkeypatch.setenv("MMGRAD_BACKEND", "reference")
+    want = mmgrad.weights(ops.gram(J), name)
+    calls = []
+    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual"):
+        real = getattr(solvers, fn)
+        monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    monkeypatch.setenv("MMGRAD_BACKEND", "triton")
+    got = mmgrad.weights(ops.gram(J.to(DEV)), name).cpu()
+    assert calls, f"{name} did not run a Triton solver"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    big = torch.eye(solvers.MAX_K + 1, dtype=F64, device=DEV)
+    assert not base.use_triton_solver(big) and base.use_triton_solver(big[1:, 1:])
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs a CUDA GPU (sync debug mode, graph capture)")
+def test_kernels_are_sync_free_and_graph_capturable(gen):
+    K = 12
+    G = _gram(K, "low_rank", gen).cuda() + 1e-4 * torch.eye(K, dtype=F64, device="cuda")
+    U = torch.eye(K, dtype=F64, device="cuda") / K
+    b, s = cagrad_inputs(G, 0.5)
+    run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
+                   solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX))
+    eager = run()
+    torch.cuda.synchronize()
+    with host_sync_raises():
+        run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, c in zip(eager, captured):
+        assert torch.equal(a, c)
