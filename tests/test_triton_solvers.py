@@ -1,5 +1,6 @@
-"""The Triton QP solvers (mmgrad/triton/solvers.py: dual-cone projection, min-norm point of the
-simplex, CAGrad dual; one launch each) against the torch solvers of mmgrad.aggregators.
+"""The Triton K x K solvers (mmgrad/triton/solvers.py: dual-cone projection, min-norm point of the
+simplex, CAGrad dual, Jacobi eigen-decomposition; one launch each) against the torch solvers of
+mmgrad.aggregators and LAPACK.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (slow: K <= 16 for the
 exhaustive cases, one K = 33 / 64 case each). Both sides run the same iteration with the same
@@ -28,7 +29,7 @@ from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises,  # noq
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
-from mmgrad.aggregators import _qp, base, cagrad  # noqa: E402
+from mmgrad.aggregators import _linalg, _qp, base, cagrad  # noqa: E402
 from mmgrad.triton import solvers  # noqa: E402
 
 # The non-finite Gram makes numpy (inside the interpreter) warn; that is expected.
@@ -154,12 +155,27 @@ def test_non_finite_gram_gives_nan_weights():
     assert solvers.cagrad_dual(G, b, s, 7, *ARGS, cagrad._KAPPA_MAX).isnan().all()
 
 
+@pytest.mark.parametrize("K,kind", [(1, "full"), (2, "duplicates"), (3, "full"), (8, "low_rank"),
+                                    (8, "zero_rows"), (17, "near_parallel"), (64, "low_rank")])
+def test_jacobi_eigh_matches_lapack(K, kind, gen):
+    """Ascending eigenvalues as LAPACK's, orthonormal vectors that reconstruct A (the torch Jacobi's
+    documented accuracy: 1e-12 on the eigenvalues, 1e-10 on V diag(l) V^T of a trace-1 A)."""
+    A = _gram(K, kind, gen)
+    lam, V = solvers.jacobi_eigh(A.to(DEV), _linalg.JACOBI_SWEEPS)
+    lam, V = lam.cpu(), V.cpu()
+    assert torch.all(lam[1:] >= lam[:-1])
+    torch.testing.assert_close(lam, torch.linalg.eigh(A)[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(V.T @ V, torch.eye(K, dtype=F64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(V @ torch.diag(lam) @ V.T, A, rtol=0, atol=1e-10)
+
+
 def test_empty_batch():
     G = torch.eye(3, dtype=F64, device=DEV)
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
 
 
-@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad"])
+@pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl",
+                                  "config"])
 def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen):
     """Under the Triton backend the aggregators' solves go to these kernels (counted), and the
     weights match the reference backend's; K > MAX_K keeps the torch solvers."""
@@ -168,7 +184,7 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
     monkeypatch.setenv("MMGRAD_BACKEND", "reference")
     want = mmgrad.weights(ops.gram(J), name)
     calls = []
-    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual"):
+    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "jacobi_eigh"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     monkeypatch.setenv("MMGRAD_BACKEND", "triton")
@@ -186,7 +202,8 @@ def test_kernels_are_sync_free_and_graph_capturable(gen):
     U = torch.eye(K, dtype=F64, device="cuda") / K
     b, s = cagrad_inputs(G, 0.5)
     run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
-                   solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX))
+                   solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX),
+                   *solvers.jacobi_eigh(G, _linalg.JACOBI_SWEEPS))
     eager = run()
     torch.cuda.synchronize()
     with host_sync_raises():

@@ -223,6 +223,66 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, ridge, tol, kappa_max
     tl.store(out_ptr + cols, _nan_if_not_finite(w, G, iters), mask=valid)
 
 
+@triton.jit
+def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
+    """Eigen-decomposition of a symmetric (K, K) A by the parallel cyclic Jacobi method of
+    ``_linalg.jacobi_eigh``: each round rotates KP / 2 disjoint pairs at once (the circle-method
+    schedule over the padded size KP; a pair with a padding index is the identity), ``A <- R^T A R``
+    and ``V <- V R`` as tile products. Stops after a sweep that leaves the off-diagonal part below
+    1e-15 of A's norm (one more sweep changes nothing at float64 resolution), else after
+    ``sweeps``. Writes ascending eigenvalues and the matching eigenvector columns."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    eye = rows[:, None] == cols[None, :]
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    A = tl.load(A_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    V = tl.where(eye, 1.0, 0.0).to(tl.float64)
+    n1 = KP - 1
+    norm2 = tl.sum(tl.sum(A * A, axis=1), axis=0)
+    sweep = 0
+    go = K > 1
+    while go & (sweep < sweeps):
+        for r in range(KP - 1):
+            A = 0.5 * (A + tl.trans(A))
+            # circle method: index 0 stays at position 0, the others turn by r positions; the
+            # pairs are the positions (j, KP - 1 - j)
+            pos = tl.where(rows == 0, 0, (rows - 1 - r + n1) % n1 + 1)
+            ppos = KP - 1 - pos
+            partner = tl.where(ppos == 0, 0, (ppos - 1 + r) % n1 + 1)
+            top = pos < KP // 2
+            at_partner = cols[None, :] == partner[:, None]
+            diag = tl.sum(tl.where(eye, A, 0.0), axis=0)
+            d_own = tl.sum(tl.where(eye, A, 0.0), axis=1)
+            d_partner = tl.sum(tl.where(at_partner, diag[None, :], 0.0), axis=1)
+            apq = tl.sum(tl.where(at_partner, A, 0.0), axis=1)
+            app = tl.where(top, d_own, d_partner)
+            aqq = tl.where(top, d_partner, d_own)
+            nz = apq != 0
+            tau = (aqq - app) / (2.0 * tl.where(nz, apq, 1.0))
+            t = tl.where(nz, tl.where(tau >= 0, 1.0, -1.0)
+                         / (tl.abs(tau) + tl.sqrt(1.0 + tau * tau)), 0.0)
+            c = 1.0 / tl.sqrt(1.0 + t * t)
+            sgn_s = tl.where(top, t * c, -(t * c))
+            R = tl.where(eye, c[:, None], tl.where(at_partner, sgn_s[:, None], 0.0))
+            A = tl.dot(tl.trans(R), tl.dot(A, R))
+            V = tl.dot(V, R)
+        off = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
+        go = off > 1e-30 * norm2
+        sweep += 1
+    lam = tl.sum(tl.where(eye, A, 0.0), axis=0)
+    lam_r = tl.sum(tl.where(eye, A, 0.0), axis=1)
+    valid = cols < K
+    # ascending order, ties by index: rank[j] = #{i valid: lam_i < lam_j or (== and i < j)}
+    before = ((lam_r[:, None] < lam[None, :]) | ((lam_r[:, None] == lam[None, :])
+                                                   & (rows[:, None] < cols[None, :])))
+    rank = tl.sum(tl.where(before & (rows < K)[:, None], 1, 0), axis=0)
+    moves = (rank[None, :] == cols[:, None]) & valid[None, :]  # (new position, old column)
+    lam_sorted = tl.sum(tl.where(moves, lam[None, :], 0.0), axis=1)
+    V_sorted = tl.dot(V, tl.where(tl.trans(moves), 1.0, 0.0).to(tl.float64))
+    tl.store(lam_ptr + rows, lam_sorted, mask=rows < K)
+    tl.store(V_ptr + rows[:, None] * K + cols[None, :], V_sorted, mask=inside)
+
+
 def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
@@ -275,3 +335,14 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int, r
     _cagrad_kernel[(1,)](G.contiguous(), b.contiguous(), s.reshape(1).contiguous(), out, K, iters,
                          ridge, tol, kappa_max, BACKUP=backup, KP=KP, num_warps=_num_warps(KP))
     return out
+
+
+def jacobi_eigh(A: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_linalg.jacobi_eigh`` in one program: ascending eigenvalues and orthonormal eigenvector
+    columns of a symmetric float64 (K, K) ``A``, K <= MAX_K."""
+    K = A.shape[0]
+    lam = A.new_empty(K)
+    V = A.new_empty(K, K)
+    KP = max(16, _padded(K))  # tl.dot takes tiles of 16 and more
+    _jacobi_eigh_kernel[(1,)](A.contiguous(), lam, V, K, sweeps, KP=KP, num_warps=_num_warps(KP))
+    return lam, V
