@@ -30,14 +30,25 @@ def kernels():
               "kappa_max": "fp64"}
     eigh = {"A_ptr": "*fp64", "lam_ptr": "*fp64", "V_ptr": "*fp64", "K": "i32", "sweeps": "i32",
             "KP": "constexpr"}
+    nash = {"G_ptr": "*fp64", "a0_ptr": "*fp64", "out_ptr": "*fp64", "K": "i32", "iters": "i32",
+            "KP": "constexpr"}
+    pcgrad = {"G_ptr": "*fp64", "order_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
+              "KP": "constexpr"}
+    gradvac = {"G_ptr": "*fp64", "order_ptr": "*i64", "phi_ptr": "*fp64", "C_ptr": "*fp64",
+               "phi_out_ptr": "*fp64", "K": "i32", "beta": "fp64", "eps": "fp64",
+               "KP": "constexpr"}
     out = []
     for KP in (2, 8, 16, 32, 64):
         for name, fn, sig in (("dual_cone", S._dual_cone_kernel, dual_cone),
                               ("min_norm", S._min_norm_kernel, min_norm),
                               ("cagrad", S._cagrad_kernel, cagrad)):
             out.append((name, fn, sig, {"BACKUP": 3, "KP": KP}, S._num_warps(KP)))
-        if KP >= 16:
-            out.append(("jacobi_eigh", S._jacobi_eigh_kernel, eigh, {"KP": KP}, S._num_warps(KP)))
+        out.append(("nash_newton", S._nash_kernel, nash, {"KP": KP}, S._num_warps(KP)))
+        if KP >= 16:  # tl.dot tiles
+            for name, fn, sig in (("jacobi_eigh", S._jacobi_eigh_kernel, eigh),
+                                  ("pcgrad", S._pcgrad_kernel, pcgrad),
+                                  ("gradvac", S._gradvac_kernel, gradvac)):
+                out.append((name, fn, sig, {"KP": KP}, S._num_warps(KP)))
     return out
 
 

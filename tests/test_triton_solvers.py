@@ -1,6 +1,6 @@
 """The Triton K x K solvers (mmgrad/triton/solvers.py: dual-cone projection, min-norm point of the
-simplex, CAGrad dual, Jacobi eigen-decomposition; one launch each) against the torch solvers of
-mmgrad.aggregators and LAPACK.
+simplex, CAGrad dual, Jacobi eigen-decomposition, PCGrad / GradVac coefficients, Nash-MTL's Newton
+solve; one launch each) against the torch solvers of mmgrad.aggregators and LAPACK.
 
 Without CUDA the kernels run in Triton's interpreter on CPU tensors (slow: K <= 16 for the
 exhaustive cases, one K = 33 / 64 case each). Both sides run the same iteration with the same
@@ -29,7 +29,7 @@ from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises,  # noq
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
-from mmgrad.aggregators import _linalg, _qp, base, cagrad  # noqa: E402
+from mmgrad.aggregators import _linalg, _qp, base, cagrad, nash, projection  # noqa: E402
 from mmgrad.triton import solvers  # noqa: E402
 
 # The non-finite Gram makes numpy (inside the interpreter) warn; that is expected.
@@ -169,13 +169,35 @@ def test_jacobi_eigh_matches_lapack(K, kind, gen):
     torch.testing.assert_close(V @ torch.diag(lam) @ V.T, A, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("K,kind", [(1, "full"), (2, "full"), (3, "zero_rows"), (8, "low_rank"),
+                                    (8, "duplicates"), (17, "near_parallel"), (64, "full")])
+def test_projection_and_nash_match_torch(K, kind, gen):
+    """PCGrad's and GradVac's coefficient loops (same visiting orders, GradVac's EMA targets in and
+    out) and Nash-MTL's damped Newton, against their torch versions."""
+    G = _gram(K, kind, gen)
+    order = torch.rand(K, K, generator=gen).argsort(1)
+    phi = torch.rand(K, K, generator=gen, dtype=F64) * 0.4 - 0.2
+    d = lambda t: t.to(DEV)  # noqa: E731
+    torch.testing.assert_close(solvers.pcgrad_coefficients(d(G), d(order)).cpu(),
+                               projection.pcgrad_coefficients_torch(G, order), rtol=0, atol=1e-13)
+    C, phi_new = solvers.gradvac_coefficients(d(G), d(order), d(phi), 0.5, 1e-8)
+    C_want, phi_want = projection.gradvac_coefficients_torch(G, order, phi, 0.5, 1e-8)
+    torch.testing.assert_close(C.cpu(), C_want, rtol=0, atol=1e-13)
+    torch.testing.assert_close(phi_new.cpu(), phi_want, rtol=0, atol=1e-13)
+    Gr = G / torch.linalg.matrix_norm(G) + nash.NASH_RIDGE * torch.eye(K, dtype=F64)
+    a0 = torch.rsqrt(Gr.diagonal())
+    a0 = a0 * (K / (a0 @ Gr @ a0)).sqrt()
+    assert_rows_close(solvers.nash_newton(d(Gr), d(a0), 20).cpu(), nash.nash_newton_torch(Gr, a0, 20),
+                      1e-11)
+
+
 def test_empty_batch():
     G = torch.eye(3, dtype=F64, device=DEV)
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl",
-                                  "config"])
+                                  "config", "pcgrad", "gradvac", "nash_mtl"])
 def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen):
     """Under the Triton backend the aggregators' solves go to these kernels (counted), and the
     weights match the reference backend's; K > MAX_K keeps the torch solvers."""
@@ -184,7 +206,8 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
     monkeypatch.setenv("MMGRAD_BACKEND", "reference")
     want = mmgrad.weights(ops.gram(J), name)
     calls = []
-    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "jacobi_eigh"):
+    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "jacobi_eigh",
+               "pcgrad_coefficients", "gradvac_coefficients", "nash_newton"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     monkeypatch.setenv("MMGRAD_BACKEND", "triton")
@@ -201,9 +224,13 @@ def test_kernels_are_sync_free_and_graph_capturable(gen):
     G = _gram(K, "low_rank", gen).cuda() + 1e-4 * torch.eye(K, dtype=F64, device="cuda")
     U = torch.eye(K, dtype=F64, device="cuda") / K
     b, s = cagrad_inputs(G, 0.5)
+    order = torch.rand(K, K, device="cuda").argsort(1)
     run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
                    solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX),
-                   *solvers.jacobi_eigh(G, _linalg.JACOBI_SWEEPS))
+                   *solvers.jacobi_eigh(G, _linalg.JACOBI_SWEEPS),
+                   solvers.pcgrad_coefficients(G, order),
+                   *solvers.gradvac_coefficients(G, order, torch.zeros_like(G), 0.5, 1e-8),
+                   solvers.nash_newton(G, torch.ones(K, dtype=F64, device="cuda"), 20))
     eager = run()
     torch.cuda.synchronize()
     with host_sync_raises():

@@ -9,7 +9,7 @@ import torch
 from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
-from .base import Aggregator, check_gram, to_solve, use_cpp_solver
+from .base import Aggregator, check_gram, to_solve, use_cpp_solver, use_triton_solver
 
 #: Ridge added to the Frobenius-normalised Gramian so that the barrier problem has a minimiser
 #: even when a positive combination of the gradients vanishes (torchjd's ECOS path fails there).
@@ -39,9 +39,13 @@ def nash_newton_torch(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torc
 def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
     """:func:`nash_newton_torch`; on float64 CPU tensors with the C++ backend selected
     (:func:`use_cpp_solver`) it runs in C++ (``csrc/cpu/nash.cpp``: Cholesky solves,
-    and the loop stops early once an iteration leaves ``a`` unchanged bit for bit)."""
+    and the loop stops early once an iteration leaves ``a`` unchanged bit for bit), where the
+    Triton backend serves ``G`` in one Triton kernel (``mmgrad/triton/solvers.py``, same stop)."""
     if use_cpp_solver(G, alpha0):
         return torch.ops.mmgrad_C.nash_newton(G, alpha0, iters)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.nash_newton(G, alpha0.to(G.dtype), iters)
     a = nash_newton_torch(G, alpha0, iters)
     return a.clone() if a is alpha0 else a  # iters == 0: a custom op's output may not alias its input
 

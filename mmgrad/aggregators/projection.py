@@ -9,8 +9,10 @@ stream (:class:`SeededMixin`) on ``G``'s device (``rand(K, K).argsort(1)``), nev
 and never on the host.
 
 On float64 CPU tensors with the C++ backend selected (:func:`use_cpp_solver`) the coefficient
-loops run in C++ (``csrc/cpu/projection.cpp``: each row's K steps in turn, same arithmetic); elsewhere
-the torch solvers below (``*_torch``) run. Both are wrapped in one custom op per method, so
+loops run in C++ (``csrc/cpu/projection.cpp``: each row's K steps in turn, same arithmetic); where
+the Triton backend serves ``G`` (:func:`use_triton_solver`: CUDA, K <= 64) in one Triton kernel
+(``mmgrad/triton/solvers.py``: the K steps on register tiles); elsewhere the torch solvers below
+(``*_torch``) run. Both are wrapped in one custom op per method, so
 ``torch.compile`` sees a single opaque call either way.
 """
 
@@ -22,7 +24,7 @@ import torch
 
 from mmgrad._custom_op import custom_op
 
-from .base import Aggregator, SeededMixin, check_gram, normalized, use_cpp_solver
+from .base import Aggregator, SeededMixin, check_gram, normalized, use_cpp_solver, use_triton_solver
 
 
 def _orders(K: int, uniform) -> torch.Tensor:
@@ -88,9 +90,13 @@ def gradvac_coefficients_torch(G: torch.Tensor, order: torch.Tensor, phi_t: torc
 
 @custom_op("mmgrad::pcgrad_coefficients", mutates_args=())
 def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """:func:`pcgrad_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
+    """:func:`pcgrad_coefficients_torch`, in C++ on CPU tensors and in one Triton kernel where the
+    Triton backend serves ``G`` (see the module docstring)."""
     if use_cpp_solver(G):
         return torch.ops.mmgrad_C.pcgrad_coefficients(G, order)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.pcgrad_coefficients(G, order)
     return pcgrad_coefficients_torch(G, order)
 
 
@@ -102,9 +108,13 @@ def _(G, order):
 @custom_op("mmgrad::gradvac_coefficients", mutates_args=())
 def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gradvac_coefficients_torch`, in C++ on CPU tensors (see the module docstring)."""
+    """:func:`gradvac_coefficients_torch`, in C++ on CPU tensors and in one Triton kernel where the
+    Triton backend serves ``G`` (see the module docstring)."""
     if use_cpp_solver(G):
         return torch.ops.mmgrad_C.gradvac_coefficients(G, order, phi_t, beta, eps)
+    if use_triton_solver(G):
+        from mmgrad.triton import solvers
+        return solvers.gradvac_coefficients(G, order, phi_t, beta, eps)
     return gradvac_coefficients_torch(G, order, phi_t, beta, eps)
 
 

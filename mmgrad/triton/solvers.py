@@ -283,6 +283,106 @@ def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
     tl.store(V_ptr + rows[:, None] * K + cols[None, :], V_sorted, mask=inside)
 
 
+@triton.jit
+def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
+    """``nash_newton``: damped Newton on ``a^T G a / 2 - sum log a`` from ``a0``, as
+    ``nash.nash_newton_torch``; stops once an iteration leaves ``a`` unchanged bit for bit (as
+    the C++ solver). Padding coordinates have gradient 0 and Hessian 1, so they stay put."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    valid = cols < K
+    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :],
+                mask=(rows < K)[:, None] & valid[None, :], other=0.0)
+    eye = rows[:, None] == cols[None, :]
+    a = tl.load(a0_ptr + cols, mask=valid, other=1.0)
+    it = 0
+    go = K > 0
+    while go & (it < iters):
+        g = tl.where(valid, tl.sum(G * a[None, :], axis=1) - 1.0 / a, 0.0)
+        H = G + tl.where(eye, tl.where(valid, 1.0 / (a * a), 1.0)[:, None], 0.0)
+        delta, _ = _solve_face(H, -g, 0.0 * g, rows, cols, KP)
+        dec = -tl.sum(g * delta, axis=0)
+        lam = tl.sqrt(tl.where(dec > 0, dec, 0.0))
+        step = tl.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
+        new = a + step * delta
+        new = tl.where(new < 1e-30, 1e-30, new)  # clamp(min=1e-30): NaN stays NaN
+        go = tl.sum(tl.where(new != a, 1, 0), axis=0) > 0
+        a = new
+        it += 1
+    tl.store(out_ptr + cols, a, mask=valid)
+
+
+@triton.jit
+def _visit(order, t, rows, cols, K):
+    """Step t of the projection methods' visiting orders: for every row i its partner
+    ``j_i = order[i, t]`` as a one-hot (KP, KP) float64 selector ``S[i, m] = (m == j_i)`` (all
+    zero on padding rows), and whether the pair is a real one (``j_i != i``)."""
+    j = tl.sum(tl.where(cols[None, :] == t, order, 0), axis=1)
+    S = (cols[None, :] == j[:, None]) & (rows < K)[:, None]
+    return S, (j != rows) & (rows < K)
+
+
+@triton.jit
+def _pcgrad_kernel(G_ptr, order_ptr, out_ptr, K, KP: tl.constexpr):
+    """``pcgrad_coefficients``: PCGrad in coefficient space, all rows side by side as
+    ``projection.pcgrad_coefficients_torch``; the rows ``G[j_i]`` are one-hot products."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    order = tl.load(order_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0).to(tl.int32)
+    eye = rows[:, None] == cols[None, :]
+    d = tl.sum(tl.where(eye, G, 0.0), axis=0)
+    C = tl.where(eye, 1.0, 0.0).to(tl.float64)
+    for t in range(KP):
+        S, real = _visit(order, t, rows, cols, K)
+        Gj = tl.dot(S.to(tl.float64), G)
+        inner = tl.sum(C * Gj, axis=1)
+        dj = tl.sum(tl.where(S, d[None, :], 0.0), axis=1)
+        ok = real & (inner < 0) & (dj > 0) & (t < K)
+        step = tl.where(ok, -inner / tl.where(dj > 0, dj, 1.0), 0.0)
+        C = C + tl.where(S, step[:, None], 0.0)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], C, mask=inside)
+
+
+@triton.jit
+def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, beta, eps,
+                    KP: tl.constexpr):
+    """``gradvac_coefficients``: GradVac in coefficient space with its EMA targets ``phi_t``, as
+    ``projection.gradvac_coefficients_torch``."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    order = tl.load(order_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0).to(tl.int32)
+    phi_t = tl.load(phi_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    eye = rows[:, None] == cols[None, :]
+    diag = tl.sum(tl.where(eye, G, 0.0), axis=0)
+    norms = tl.sqrt(tl.where(diag > 0, diag, 0.0))
+    C = tl.where(eye, 1.0, 0.0).to(tl.float64)
+    cG = G  # row i: g_i' . g_k for every k
+    for t in range(KP):
+        S, real = _visit(order, t, rows, cols, K)
+        real = real & (t < K)
+        dot = tl.sum(tl.where(S, cG, 0.0), axis=1)
+        n2 = tl.sum(cG * C, axis=1)
+        norm_i = tl.sqrt(tl.where(n2 > 0, n2, 0.0))
+        norm_j = tl.sum(tl.where(S, norms[None, :], 0.0), axis=1)
+        phi = dot / (norm_i * norm_j + eps)
+        hat = tl.sum(tl.where(S, phi_t, 0.0), axis=1)
+        s_phi = 1 - phi * phi
+        s_phi = tl.sqrt(tl.where(s_phi > 0, s_phi, 0.0))
+        s_hat = 1 - hat * hat
+        s_hat = tl.sqrt(tl.where(s_hat > 0, s_hat, 0.0))
+        w = norm_i * (hat * s_phi - phi * s_hat) / (norm_j * s_hat + eps)
+        w = tl.where(real & (phi < hat), w, 0.0)
+        C = C + tl.where(S, w[:, None], 0.0)
+        cG = cG + w[:, None] * tl.dot(S.to(tl.float64), G)
+        phi_t = tl.where(S & real[:, None], ((1 - beta) * hat + beta * phi)[:, None], phi_t)
+    tl.store(C_ptr + rows[:, None] * K + cols[None, :], C, mask=inside)
+    tl.store(phi_out_ptr + rows[:, None] * K + cols[None, :], phi_t, mask=inside)
+
+
 def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
@@ -347,3 +447,37 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tenso
     KP = max(16, _padded(K))  # tl.dot takes tiles of 16 and more
     _jacobi_eigh_kernel[(1,)](A.contiguous(), lam, V, K, sweeps, KP=KP, num_warps=_num_warps(KP))
     return lam, V
+
+
+def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
+    """``nash.nash_newton_torch`` in one program: float64 ``G`` (K, K), ``alpha0`` (K,),
+    K <= MAX_K."""
+    K = G.shape[0]
+    out = alpha0.new_empty(K)
+    KP = _padded(K)
+    _nash_kernel[(1,)](G.contiguous(), alpha0.contiguous(), out, K, iters, KP=KP,
+                       num_warps=_num_warps(KP))
+    return out
+
+
+def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``projection.pcgrad_coefficients_torch`` in one program: the (K, K) coefficients for the
+    visiting orders ``order`` (K, K) of a float64 ``G``, K <= MAX_K."""
+    K = G.shape[0]
+    C = G.new_empty(K, K)
+    KP = max(16, _padded(K))  # tl.dot takes tiles of 16 and more
+    _pcgrad_kernel[(1,)](G.contiguous(), order.contiguous(), C, K, KP=KP,
+                         num_warps=_num_warps(KP))
+    return C
+
+
+def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tensor, beta: float,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``projection.gradvac_coefficients_torch`` in one program: ``(C, new phi_t)``."""
+    K = G.shape[0]
+    C = G.new_empty(K, K)
+    phi_out = G.new_empty(K, K)
+    KP = max(16, _padded(K))
+    _gradvac_kernel[(1,)](G.contiguous(), order.contiguous(), phi_t.to(G.dtype).contiguous(), C,
+                          phi_out, K, beta, eps, KP=KP, num_warps=_num_warps(KP))
+    return C, phi_out
