@@ -22,12 +22,12 @@ def kernels():
     """(name, kernel, signature, constexprs, num_warps) for every solver kernel and tile size."""
     from mmgrad.triton import solvers as S
 
-    qp = {"K": "i32", "iters": "i32", "ridge": "fp64", "tol": "fp64", "BACKUP": "constexpr",
-          "KP": "constexpr"}
+    qp = {"K": "i32", "iters": "i32", "RIDGE": "constexpr", "TOL": "constexpr",
+          "BACKUP": "constexpr", "KP": "constexpr"}
     dual_cone = {"G_ptr": "*fp64", "U_ptr": "*fp64", "out_ptr": "*fp64", **qp}
     min_norm = {"G_ptr": "*fp64", "out_ptr": "*fp64", **qp}
     cagrad = {"G_ptr": "*fp64", "b_ptr": "*fp64", "s_ptr": "*fp64", "out_ptr": "*fp64", **qp,
-              "kappa_max": "fp64"}
+              "KAPPA_MAX": "constexpr"}
     eigh = {"A_ptr": "*fp64", "lam_ptr": "*fp64", "V_ptr": "*fp64", "K": "i32", "sweeps": "i32",
             "KP": "constexpr"}
     nash = {"G_ptr": "*fp64", "a0_ptr": "*fp64", "out_ptr": "*fp64", "K": "i32", "iters": "i32",
@@ -35,20 +35,29 @@ def kernels():
     pcgrad = {"G_ptr": "*fp64", "order_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
               "KP": "constexpr"}
     gradvac = {"G_ptr": "*fp64", "order_ptr": "*i64", "phi_ptr": "*fp64", "C_ptr": "*fp64",
-               "phi_out_ptr": "*fp64", "K": "i32", "beta": "fp64", "eps": "fp64",
+               "phi_out_ptr": "*fp64", "K": "i32", "BETA": "constexpr", "EPS": "constexpr",
                "KP": "constexpr"}
+    normalized = {"G_ptr": "*fp32", "out_ptr": "*fp64", "K": "i32", "stride0": "i32",
+                  "stride1": "i32", "EPS": "constexpr", "REG": "constexpr", "KP": "constexpr"}
+    qp_constants = {"RIDGE": 1e-12, "TOL": 1e-13, "BACKUP": 3}
     out = []
     for KP in (2, 8, 16, 32, 64):
         for name, fn, sig in (("dual_cone", S._dual_cone_kernel, dual_cone),
                               ("min_norm", S._min_norm_kernel, min_norm),
                               ("cagrad", S._cagrad_kernel, cagrad)):
-            out.append((name, fn, sig, {"BACKUP": 3, "KP": KP}, S._num_warps(KP)))
+            constants = {**qp_constants, "KP": KP}
+            if name == "cagrad":
+                constants["KAPPA_MAX"] = 1e8
+            out.append((name, fn, sig, constants, S._num_warps(KP)))
         out.append(("nash_newton", S._nash_kernel, nash, {"KP": KP}, S._num_warps(KP)))
+        out.append(("trace_normalized", S._trace_normalized_kernel, normalized,
+                    {"EPS": 0.0, "REG": 1e-4, "KP": KP}, S._num_warps(KP)))
         if KP >= 16:  # tl.dot tiles
-            for name, fn, sig in (("jacobi_eigh", S._jacobi_eigh_kernel, eigh),
-                                  ("pcgrad", S._pcgrad_kernel, pcgrad),
-                                  ("gradvac", S._gradvac_kernel, gradvac)):
-                out.append((name, fn, sig, {"KP": KP}, S._num_warps(KP)))
+            for name, fn, sig, constants in (
+                    ("jacobi_eigh", S._jacobi_eigh_kernel, eigh, {}),
+                    ("pcgrad", S._pcgrad_kernel, pcgrad, {}),
+                    ("gradvac", S._gradvac_kernel, gradvac, {"BETA": 0.5, "EPS": 1e-8})):
+                out.append((name, fn, sig, {**constants, "KP": KP}, S._num_warps(KP)))
     return out
 
 

@@ -191,6 +191,24 @@ def test_projection_and_nash_match_torch(K, kind, gen):
                       1e-11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+@pytest.mark.parametrize("K", [1, 5, 64])
+def test_trace_normalized_matches_the_torch_ops(dtype, K, gen):
+    """The solvers' input in one kernel (base.normalized) == normalize_trace(to_solve(G)) + reg I,
+    for any float dtype and strides; a trace <= eps or not finite gives reg I."""
+    G = random_gram(K, "full", 1e3, gen).to(dtype)
+    for eps, reg in ((0.0, 0.0), (0.0, 1e-4), (1e30, 1e-4)):
+        expected = base.normalize_trace(G.to(F64), eps)[0] + reg * torch.eye(K, dtype=F64)
+        got = solvers.trace_normalized(G.to(DEV).t(), eps, reg).cpu()  # G symmetric: .t() strides
+        assert got.dtype == F64 and got.is_contiguous()
+        torch.testing.assert_close(got, expected.t(), rtol=4e-16 * K, atol=0)
+    for bad in (float("nan"), float("inf")):
+        Gb = G.clone()
+        Gb[0, 0] = bad
+        assert torch.equal(solvers.trace_normalized(Gb.to(DEV), 0.0, 0.5).cpu(),
+                           0.5 * torch.eye(K, dtype=F64))
+
+
 def test_empty_batch():
     G = torch.eye(3, dtype=F64, device=DEV)
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
@@ -210,9 +228,15 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
                "pcgrad_coefficients", "gradvac_coefficients", "nash_newton"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    normalized_calls = []
+    real_normalized = solvers.trace_normalized
+    monkeypatch.setattr(solvers, "trace_normalized",
+                        lambda *a: normalized_calls.append(1) or real_normalized(*a))
     monkeypatch.setenv("MMGRAD_BACKEND", "triton")
     got = mmgrad.weights(ops.gram(J.to(DEV)), name).cpu()
     assert calls, f"{name} did not run a Triton solver"
+    if name != "nash_mtl":  # (Nash-MTL divides G by its Frobenius norm)
+        assert normalized_calls, f"{name} did not normalise G in the Triton kernel"
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     big = torch.eye(solvers.MAX_K + 1, dtype=F64, device=DEV)
     assert not base.use_triton_solver(big) and base.use_triton_solver(big[1:, 1:])

@@ -56,17 +56,22 @@ def use_cpp_solver(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors) and _cpp_serves(tensors[0])
 
 
-def use_triton_solver(G: torch.Tensor) -> bool:
-    """Whether a solver's Triton kernel (:mod:`mmgrad.triton.solvers`) serves ``G``: the Triton
-    backend selected for its device (CUDA tensors by default; CPU tensors under TRITON_INTERPRET=1
-    with ``MMGRAD_BACKEND=triton``), float64, K <= ``solvers.MAX_K``. Checked before importing
-    the kernels, which need triton."""
-    if G.dtype != torch.float64 or G.device.type == "cpu" and not _interpreting():
+def _triton_serves(G: torch.Tensor) -> bool:
+    """Whether the Triton backend is the one selected for ``G``'s device (CUDA tensors by default;
+    CPU tensors under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton``) and K <= the solver
+    kernels' ``MAX_K``. Checked before importing the kernels, which need triton."""
+    if G.device.type == "cpu" and not _interpreting():
         return False
     if ops.resolve_backend(G.device) != "triton":
         return False
     from mmgrad.triton import solvers
-    return solvers.serves(G)
+    return 1 <= G.shape[-1] <= solvers.MAX_K
+
+
+def use_triton_solver(G: torch.Tensor) -> bool:
+    """Whether a solver's Triton kernel (:mod:`mmgrad.triton.solvers`) serves ``G``: float64 (what
+    ``to_solve`` gives on CUDA) and :func:`_triton_serves`."""
+    return G.dtype == torch.float64 and _triton_serves(G)
 
 
 def _interpreting() -> bool:
@@ -87,11 +92,16 @@ def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, to
 
 def normalized(G: torch.Tensor, eps: float = 0.0, reg: float = 0.0) -> torch.Tensor:
     """The solvers' input: ``G`` in the solve dtype divided by its trace (:func:`normalize_trace`),
-    plus ``reg`` on the diagonal. On CPU tensors served by the C++ backend, in plain eager mode,
-    one C++ op (``csrc/cpu/trace_normalized.cpp``: the six to eight small torch ops cost more
-    than most K x K solves); the torch ops otherwise."""
-    if plain_eager((G,)) and _cpp_serves(G):
-        return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
+    plus ``reg`` on the diagonal. In plain eager mode, one op where a backend has it: on CPU
+    tensors served by the C++ backend ``csrc/cpu/trace_normalized.cpp`` (the six to eight small
+    torch ops cost more than most K x K solves), where the Triton backend serves ``G`` (float64
+    solves) one Triton kernel (the torch ops would be as many launches); the torch ops otherwise."""
+    if plain_eager((G,)):
+        if _cpp_serves(G):
+            return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
+        if solve_dtype(G.device) == torch.float64 and G.is_floating_point() and _triton_serves(G):
+            from mmgrad.triton import solvers
+            return solvers.trace_normalized(G, eps, reg)
     Gn, _ = normalize_trace(to_solve(G), eps)
     if reg:
         Gn = Gn + reg * torch.eye(G.shape[0], dtype=Gn.dtype, device=Gn.device)

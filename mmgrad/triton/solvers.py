@@ -30,6 +30,13 @@ MAX_K = 64
 
 
 @triton.jit
+def _f64(x: tl.constexpr):
+    """The float64 scalar of a Python float (a bare float literal or a float argument would be
+    float32 in a kernel: 1e-4 -> 9.99999974738e-05)."""
+    return tl.full((), x, tl.float64)
+
+
+@triton.jit
 def _solve_face(A, b, c, rows, cols, KP: tl.constexpr):
     """``(A^{-1} b, A^{-1} c)`` for a (KP, KP) tile ``A``: LU with partial pivoting, as the torch
     solve. Column k is eliminated from the rows not yet used as pivots with the one of largest
@@ -99,11 +106,12 @@ def _face_system(G, free, eye, ridge):
 
 
 @triton.jit
-def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, ridge, tol, BACKUP: tl.constexpr,
-                      KP: tl.constexpr):
+def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.constexpr,
+                      BACKUP: tl.constexpr, KP: tl.constexpr):
     """Row ``program_id`` of ``project_dual_cone``: ``min v^T G v s.t. v >= u``, started with every
     constraint tight; multipliers ``(G^T v)``."""
     b = tl.program_id(0).to(tl.int64)
+    ridge, tol = _f64(RIDGE), _f64(TOL)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
@@ -135,10 +143,11 @@ def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, ridge, tol, BACKUP: tl.co
 
 
 @triton.jit
-def _min_norm_kernel(G_ptr, out_ptr, K, iters, ridge, tol, BACKUP: tl.constexpr,
-                     KP: tl.constexpr):
+def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.constexpr,
+                     BACKUP: tl.constexpr, KP: tl.constexpr):
     """``min_norm_simplex``: ``argmin_{a in simplex} a^T G a``, started with every coordinate
     free; on a face ``a_F = p / sum(p)`` with ``G_FF p = 1``, multipliers ``G a - 1 / sum(p)``."""
+    ridge, tol = _f64(RIDGE), _f64(TOL)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
@@ -174,12 +183,13 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, ridge, tol, BACKUP: tl.constexpr,
 
 
 @triton.jit
-def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, ridge, tol, kappa_max,
-                   BACKUP: tl.constexpr, KP: tl.constexpr):
+def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.constexpr,
+                   KAPPA_MAX: tl.constexpr, BACKUP: tl.constexpr, KP: tl.constexpr):
     """``cagrad_dual``: ``argmin_{w in simplex} b^T w + s |g_w|``, started with every coordinate
     free. On a face, with ``p = G_FF^{-1} 1`` and ``q = G_FF^{-1} b_F``: ``w = p / A2 + kappa
     ((A1 / A2) p - q)``, kappa capped at ``kappa_max`` where it is not real; multipliers
     ``b + G w / kappa - nu`` (see ``cagrad.cagrad_dual_torch``)."""
+    ridge, tol, kappa_max = _f64(RIDGE), _f64(TOL), _f64(KAPPA_MAX)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
@@ -305,7 +315,8 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
         lam = tl.sqrt(tl.where(dec > 0, dec, 0.0))
         step = tl.where(lam < 0.25, 1.0, 1.0 / (1.0 + lam))
         new = a + step * delta
-        new = tl.where(new < 1e-30, 1e-30, new)  # clamp(min=1e-30): NaN stays NaN
+        floor = _f64(1e-30)
+        new = tl.where(new < floor, floor, new)  # clamp(min=1e-30): NaN stays NaN
         go = tl.sum(tl.where(new != a, 1, 0), axis=0) > 0
         a = new
         it += 1
@@ -346,10 +357,11 @@ def _pcgrad_kernel(G_ptr, order_ptr, out_ptr, K, KP: tl.constexpr):
 
 
 @triton.jit
-def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, beta, eps,
-                    KP: tl.constexpr):
+def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, BETA: tl.constexpr,
+                    EPS: tl.constexpr, KP: tl.constexpr):
     """``gradvac_coefficients``: GradVac in coefficient space with its EMA targets ``phi_t``, as
     ``projection.gradvac_coefficients_torch``."""
+    beta, eps = _f64(BETA), _f64(EPS)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     inside = (rows < K)[:, None] & (cols < K)[None, :]
@@ -383,6 +395,24 @@ def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, beta, eps,
     tl.store(phi_out_ptr + rows[:, None] * K + cols[None, :], phi_t, mask=inside)
 
 
+@triton.jit
+def _trace_normalized_kernel(G_ptr, out_ptr, K, stride0, stride1, EPS: tl.constexpr,
+                             REG: tl.constexpr, KP: tl.constexpr):
+    """``base.normalized``: G in float64 over its trace (zero when the trace is <= eps or not
+    finite), plus reg on the diagonal."""
+    eps, reg = _f64(EPS), _f64(REG)
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    eye = rows[:, None] == cols[None, :]
+    G = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
+                other=0.0).to(tl.float64)
+    t = tl.sum(tl.sum(tl.where(eye, G, 0.0), axis=1), axis=0)
+    ok = (t > eps) & (tl.abs(t) < float("inf"))
+    Gn = tl.where(ok, G / tl.where(ok, t, 1.0), 0.0) + tl.where(eye, reg, 0.0)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], Gn, mask=inside)
+
+
 def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
@@ -399,6 +429,18 @@ def serves(G: torch.Tensor) -> bool:
     return G.dtype == torch.float64 and 1 <= G.shape[-1] <= MAX_K
 
 
+def trace_normalized(G: torch.Tensor, eps: float, reg: float) -> torch.Tensor:
+    """``base.normalized`` in one program (the torch ops are six to eight launches): a float64
+    (K, K) copy of ``G`` (any float dtype and strides, K <= MAX_K) over its trace, plus ``reg``
+    on the diagonal."""
+    K = G.shape[0]
+    out = torch.empty(K, K, dtype=torch.float64, device=G.device)
+    KP = _padded(K)
+    _trace_normalized_kernel[(1,)](G, out, K, G.stride(0), G.stride(1), EPS=float(eps),
+                                   REG=float(reg), KP=KP, num_warps=_num_warps(KP))
+    return out
+
+
 def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: float, tol: float,
                       backup: int) -> torch.Tensor:
     """Every row of ``U`` (B, K) projected as ``_qp.project_dual_cone_torch`` does: one program a
@@ -409,7 +451,7 @@ def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: float
     out = torch.empty_like(U)
     if U.shape[0] > 0:
         KP = _padded(K)
-        _dual_cone_kernel[(U.shape[0],)](G, U, out, K, iters, ridge, tol, BACKUP=backup, KP=KP,
+        _dual_cone_kernel[(U.shape[0],)](G, U, out, K, iters, RIDGE=ridge, TOL=tol, BACKUP=backup, KP=KP,
                                          num_warps=_num_warps(KP))
     return out
 
@@ -421,7 +463,7 @@ def min_norm_simplex(G: torch.Tensor, iters: int, ridge: float, tol: float,
     G = G.contiguous()
     out = G.new_empty(K)
     KP = _padded(K)
-    _min_norm_kernel[(1,)](G, out, K, iters, ridge, tol, BACKUP=backup, KP=KP,
+    _min_norm_kernel[(1,)](G, out, K, iters, RIDGE=ridge, TOL=tol, BACKUP=backup, KP=KP,
                            num_warps=_num_warps(KP))
     return out
 
@@ -434,7 +476,8 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int, r
     out = G.new_empty(K)
     KP = _padded(K)
     _cagrad_kernel[(1,)](G.contiguous(), b.contiguous(), s.reshape(1).contiguous(), out, K, iters,
-                         ridge, tol, kappa_max, BACKUP=backup, KP=KP, num_warps=_num_warps(KP))
+                         RIDGE=ridge, TOL=tol, KAPPA_MAX=kappa_max, BACKUP=backup, KP=KP,
+                         num_warps=_num_warps(KP))
     return out
 
 
@@ -479,5 +522,6 @@ def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tens
     phi_out = G.new_empty(K, K)
     KP = max(16, _padded(K))
     _gradvac_kernel[(1,)](G.contiguous(), order.contiguous(), phi_t.to(G.dtype).contiguous(), C,
-                          phi_out, K, beta, eps, KP=KP, num_warps=_num_warps(KP))
+                          phi_out, K, BETA=float(beta), EPS=float(eps), KP=KP,
+                          num_warps=_num_warps(KP))
     return C, phi_out
