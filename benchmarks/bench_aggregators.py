@@ -214,10 +214,11 @@ def hard_gram(K, kind, seed, dev):
 
 
 def solver_rows(Ks, methods, repeat, dev):
-    """``weights(G)`` of every Gram-based method on the Grams of SOLVER_RANKS: the slowest of
+    """``weights(G)`` of every Gram-based method with a solver (not mean, sum) on the Grams of
+    SOLVER_RANKS: the slowest of
     SOLVER_SEEDS seeds (median of ``repeat`` calls each), in ms, one row per (method, K)."""
     rows = []
-    for name in [m for m in methods if A.get(m).gramian_based]:
+    for name in [m for m in methods if A.get(m).gramian_based and m not in ("mean", "sum")]:
         for K in Ks:
             cells = []
             for kind in SOLVER_RANKS:
@@ -254,6 +255,8 @@ def main(argv=None):
                     help="seconds after which a peer's repeats stop (slow torchjd/LibMTL cells)")
     ap.add_argument("--no-solver-table", action="store_true",
                     help="skip the table of weights(G) on rank-deficient Grams")
+    ap.add_argument("--solvers-only", action="store_true",
+                    help="only the table of weights(G) on rank-deficient Grams")
     ap.add_argument("--out", help="append the markdown table to this file")
     args = ap.parse_args(argv)
     if args.quick:
@@ -263,12 +266,11 @@ def main(argv=None):
 
     header = ("| method | K | P | floor ms | mmgrad ms | solver ms | torchjd ms | libmtl ms "
               "| mmgrad/floor | torchjd/mmgrad | libmtl/mmgrad |")
-    lines = [header, "|" + "---|" * 11]
-    print(header, flush=True)
-    print(lines[1], flush=True)
+    lines = [] if args.solvers_only else [header, "|" + "---|" * 11]
+    print("\n".join(lines), flush=True)
     t_all = time.perf_counter()
     kernels = []
-    for P in [int(p) for p in args.P]:
+    for P in [] if args.solvers_only else [int(p) for p in args.P]:
         for K in args.K:
             g = torch.Generator(device=dev).manual_seed(0)
             J = torch.randn(K, P, generator=g, device=dev, dtype=torch.float32)
@@ -307,8 +309,9 @@ def main(argv=None):
                 print(row, flush=True)
             kernels.append(kernel_row(J, K, P, args.repeat, dev))
             del J, G, per_task
-    lines += ["", KERNEL_HEADER, "|" + "---|" * 8] + kernels
-    print("\n" + "\n".join(lines[-len(kernels) - 2:]), flush=True)
+    if kernels:
+        lines += ["", KERNEL_HEADER, "|" + "---|" * 8] + kernels
+        print("\n" + "\n".join(lines[-len(kernels) - 2:]), flush=True)
     if not args.no_solver_table:
         solvers = solver_rows(args.K, args.methods, max(args.repeat, 20), dev)
         solver_header = ("| method | K | " + " | ".join(f"{kind} ms" for kind in SOLVER_RANKS)

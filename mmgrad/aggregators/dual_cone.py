@@ -41,8 +41,9 @@ class UPGrad(_DualConeBase):
     ``UPGradWeighting`` conventions: ``pref_vector`` default 1/K, ``G`` divided by its trace, then
     ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved by the pivoting active-set
     method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` (default
-    ``min(20, K + 2)``) iterations: together, as batched K x K solves, in torch on GPUs; one by one
-    on their free blocks, stopping at the fixed point, in C++ on the CPU. K = 2 has a closed form.
+    ``min(20, K + 2)``) iterations: one Triton program per QP on GPUs (K <= 64; beyond, batched
+    K x K torch solves); one by one on their free blocks in C++ on the CPU; both stop at the fixed
+    point. K = 2 has a closed form.
     torchjd solves them one by one with quadprog on the CPU in numpy.
 
     Deliberate difference: ``norm_eps`` defaults to 0 (torchjd: 1e-4). torchjd replaces ``G`` by
