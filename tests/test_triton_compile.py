@@ -1,4 +1,4 @@
-"""The Triton solver kernels compile for the GPUs they are meant for (sm_80, sm_90), here, without
+"""The Triton solver and GradDrop kernels compile for the GPUs they are meant for (sm_80, sm_90), here, without
 a GPU: ``triton.compile`` lowers them to PTX and runs ptxas. The interpreter that runs them in the
 rest of the suite does not compile, so it misses what only the compiler rejects (a loop-carried
 value changing type, an unsupported op or dtype). Run as a script, it also prints each kernel's
@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kernels():
-    """(name, kernel, signature, constexprs, num_warps) for every solver kernel and tile size."""
+    """(name, kernel, signature, constexprs, num_warps) for every solver kernel and tile size, and
+    the GradDrop kernel in three dtypes."""
+    import triton.language as tl
+
+    from mmgrad.triton import graddrop as GD
     from mmgrad.triton import solvers as S
 
     qp = {"K": "i32", "iters": "i32", "RIDGE": "constexpr", "TOL": "constexpr",
@@ -58,6 +62,15 @@ def kernels():
                     ("pcgrad", S._pcgrad_kernel, pcgrad, {}),
                     ("gradvac", S._gradvac_kernel, gradvac, {"BETA": 0.5, "EPS": 1e-8})):
                 out.append((name, fn, sig, {**constants, "KP": KP}, S._num_warps(KP)))
+    for dtype, acc in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+        sig = {"J": f"*{dtype}", "stride_k": "i64", "out": f"*{dtype}", "seed": "*i64",
+               "counter": "*i64", "index": "*i64", "leak": "*fp64" if dtype == "fp64" else "*fp32",
+               "K": "i32", "P": "i64", "HAS_INDEX": "constexpr", "HAS_LEAK": "constexpr",
+               "ACC": "constexpr", "KP": "constexpr", "BLOCK": "constexpr"}
+        for KP in (2, 64):
+            out.append((f"graddrop_{dtype}", GD._graddrop_kernel, sig,
+                        {"HAS_INDEX": KP == 64, "HAS_LEAK": KP == 2, "ACC": acc, "KP": KP,
+                         "BLOCK": GD.TILE // KP}, 4))
     return out
 
 
@@ -87,7 +100,7 @@ def main() -> None:
             print(f"sm_{arch} {name} KP={constexprs['KP']} warps={warps}: {usage}", flush=True)
 
 
-def test_solver_kernels_compile_for_sm80_and_sm90():
+def test_kernels_compile_for_sm80_and_sm90():
     pytest.importorskip("triton", reason="triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -71,11 +72,22 @@ def _drop_blocks(J: torch.Tensor, draws: torch.Tensor, f: Callable[[torch.Tensor
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-@custom_op("mmgrad::graddrop", mutates_args=(), device_types="cpu")
+def _fused_triton(J: torch.Tensor) -> bool:
+    """Whether the Triton GradDrop kernel serves ``J``: the Triton backend selected for its device
+    (CUDA by default; CPU under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton``), K <= 64."""
+    if J.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if J.dtype not in _FUSED_DTYPES or ops.resolve_backend(J.device) != "triton":
+        return False
+    from mmgrad.triton import graddrop as triton_graddrop
+    return triton_graddrop.serves(J)
+
+
+@custom_op("mmgrad::graddrop", mutates_args=())
 def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor,
                       leak: Optional[torch.Tensor], index: Optional[torch.Tensor],
                       block: Optional[int] = None) -> torch.Tensor:
-    """GradDrop with ``f = identity`` of a CPU ``J`` (K, P), the uniforms those of
+    """GradDrop with ``f = identity`` of ``J`` (K, P), the uniforms those of
     ``ops.philox_uniform(seed, counter, P, packed=True)`` (at ``index`` for a shard); ``leak``: (K,) in J's
     accumulation dtype, or None. The caller advances ``counter``.
 
@@ -84,10 +96,14 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
     the rows in the order of torch's CPU column sum, so it returns the torch path's bits except in
     the columns torch's own sum orders differently (the last < 64 columns of a block, or of a
     thread's share of one): there the sums may differ by rounding, and a keep decision with them
-    only where purity and U agree to rounding. Otherwise the torch block loop runs (``block``
-    columns per block)."""
+    only where purity and U agree to rounding. Where the Triton backend serves J (K <= 64) one
+    Triton kernel does the same in one pass (``mmgrad/triton/graddrop.py``; its sums in tile
+    order). Otherwise the torch block loop runs (``block`` columns per block)."""
     if J.dtype in _FUSED_DTYPES and ops.resolve_backend(J.device) == "cpp":
         return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
+    if _fused_triton(J):
+        from mmgrad.triton import graddrop as triton_graddrop
+        return triton_graddrop.graddrop(J, seed, counter, leak, index)
     acc = accumulation_dtype(J.dtype)
     n = J.shape[1] if index is None else None
     draws = ops.philox_uniform(seed, counter, n, index=index, dtype=acc, packed=True)
@@ -112,9 +128,9 @@ class GradDrop(SeededMixin, Aggregator):
     (one Philox block per four columns; a call advances it by P rounded up to a multiple of 4).
     Elementwise, so there is no ``weights(G)``.
 
-    With the default ``f`` on CPU the work is one custom op (:func:`graddrop_identity`): with the
-    C++ backend a fused kernel that reads J once; other ``f``, other devices and
-    ``MMGRAD_BACKEND=reference`` run the torch block loop.
+    With the default ``f`` the work is one custom op (:func:`graddrop_identity`): a fused kernel
+    that reads J once with the C++ backend on CPU and with the Triton backend (CUDA, K <= 64);
+    other ``f``, other devices and ``MMGRAD_BACKEND=reference`` run the torch block loop.
 
     ``block``: columns per block of the torch loop (default: on CPU about 2**18 / K, a power of
     two; else 32768).
@@ -147,7 +163,7 @@ class GradDrop(SeededMixin, Aggregator):
         acc = accumulation_dtype(J.dtype)
         leak = self._leak_for(K, J.device, acc)
         index = None if columns is None else columns.to(J.device)
-        if self.f is _identity and J.device.type == "cpu":
+        if self.f is _identity and (J.device.type == "cpu" or _fused_triton(J)):
             counter, key = self._stream(J.device)
             out = graddrop_identity(J, key, counter, None if leak is None else leak[0], index, self.block)
             counter.add_(_advance(P if index is None or total is None else int(total), packed=True))
