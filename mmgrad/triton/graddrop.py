@@ -72,7 +72,12 @@ def _graddrop_kernel(J, stride_k, out, seed, counter, index, leak, K, P, HAS_IND
                 mask=rmask[:, None] & cmask[None, :], other=0.0).to(ACC)
     s = tl.sum(x, axis=0)
     a = tl.sum(tl.abs(x), axis=0)
-    purity = 0.5 * (1.0 + s / tl.where(a > 0, a, 1.0))
+    a = tl.where(a > 0, a, 1.0)
+    if ACC == tl.float32:  # a compiled float32 "/" divides approximately (2 ulp): keep decisions
+        ratio = tl.div_rn(s, a)  # would leave the torch path's
+    else:
+        ratio = s / a  # float64 "/" is correctly rounded
+    purity = 0.5 * (1.0 + ratio)
     u = _uniforms(seed, counter, index, cols, cmask, HAS_INDEX, BLOCK).to(ACC)
     d = (purity - u)[None, :]
     keep = ((d > 0) & (x > 0)) | ((d < 0) & (x < 0))  # NaN purity keeps nothing
