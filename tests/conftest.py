@@ -99,6 +99,20 @@ def random_gram(K: int, kind: str, scale: float, gen: torch.Generator) -> torch.
     return (G + G.T) / 2 * scale
 
 
+def triton_device() -> str:
+    """The device the Triton tests run on: ``"cuda"`` with a GPU, else ``"cpu"`` (Triton's
+    interpreter). Skips the calling test module when triton is missing, or when it was imported
+    before TRITON_INTERPRET=1 could be set (no GPU then leaves nothing to run the kernels on)."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    interpret = triton.knobs.runtime.interpret
+    if torch.cuda.is_available() and not interpret:
+        return "cuda"
+    if not interpret:
+        pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set",
+                    allow_module_level=True)
+    return "cpu"
+
+
 def solver_tol(kind: str, regularised: bool) -> float:
     """Relative agreement to expect between two backends' QP solvers (same iteration, different
     factorisations). The regularised (+1e-4 I) dual-cone faces have condition number <= ~1e4.

@@ -1,8 +1,8 @@
 """Tests of the Triton backend (mmgrad.triton) against mmgrad.reference.
 
-Without CUDA the kernels run in Triton's interpreter on CPU tensors; TRITON_INTERPRET must be set
-before triton is first imported, hence the environment tweak before any other import. Sizes are
-small because the interpreter is slow.
+Without CUDA the kernels run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1 before triton is first imported). Sizes are small because the interpreter is
+slow.
 
 Tolerances (the oracle is mmgrad.reference in float64 on the same input values):
 * gram: |G - G_ref| <= tol * ||J_i|| ||J_j||, tol 1e-5 for fp16/bf16/fp32 (half values are exact
@@ -17,33 +17,23 @@ Tolerances (the oracle is mmgrad.reference in float64 on the same input values):
   segment, with elements outside every segment bitwise untouched.
 """
 
-import os
-
+import pytest
 import torch
+from conftest import host_sync_raises, random_segments, triton_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
+DEV = triton_device()  # skips the module without triton
+import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-
-if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
-    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set",
-                allow_module_level=True)
 
 from mmgrad import reference as ref  # noqa: E402
 import mmgrad.triton as mt  # noqa: E402
 from mmgrad.triton import kernels as mt_kernels  # noqa: E402
-from conftest import host_sync_raises, random_segments  # noqa: E402
 from mmgrad.triton import segments as mt_segments  # noqa: E402
 
 # The fp32 overflow / underflow cases make numpy (inside the interpreter) warn; that is expected.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
-DEV = "cuda" if torch.cuda.is_available() and not triton.knobs.runtime.interpret else "cpu"
 HALF = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24,

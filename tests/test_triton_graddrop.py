@@ -8,22 +8,11 @@ where purity and the uniform agree to rounding. Without CUDA the kernel runs in 
 interpreter on CPU tensors.
 """
 
-import os
-
+import pytest
 import torch
+from conftest import host_sync_raises, triton_device
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
-if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
-    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set",
-                allow_module_level=True)
-
-from conftest import host_sync_raises  # noqa: E402
+DEV = triton_device()  # skips the module without triton
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
@@ -33,7 +22,6 @@ from mmgrad.triton import graddrop as tgd  # noqa: E402
 # NaN / inf columns make numpy (inside the interpreter) warn; that is expected.
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
-DEV = "cuda" if torch.cuda.is_available() and not triton.knobs.runtime.interpret else "cpu"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 

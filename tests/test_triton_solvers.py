@@ -9,23 +9,12 @@ fixed point, so results agree to rounding, with the tolerances of the C++ solver
 (``conftest.solver_tol``).
 """
 
-import os
-
+import pytest
 import torch
+from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises, random_gram, solver_tol,
+                      triton_device)
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-triton = pytest.importorskip("triton", reason="triton is not installed")
-
-if not torch.cuda.is_available() and not triton.knobs.runtime.interpret:
-    pytest.skip("no CUDA, and triton was imported before TRITON_INTERPRET=1 could be set",
-                allow_module_level=True)
-
-from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises,  # noqa: E402
-                      random_gram, solver_tol)
+DEV = triton_device()  # skips the module without triton
 
 import mmgrad  # noqa: E402
 from mmgrad import ops  # noqa: E402
@@ -36,7 +25,6 @@ from mmgrad.triton import solvers  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 F64 = torch.float64
-DEV = "cuda" if torch.cuda.is_available() and not triton.knobs.runtime.interpret else "cpu"
 KINDS = ("full", "low_rank", "zero_rows", "duplicates", "near_parallel", "float32_gram")
 CASES = [(K, kind) for K in (1, 2, 3, 5, 8, 16) for kind in KINDS] + [(33, "low_rank"), (64, "full")]
 CASE_IDS = [f"K{K}-{kind}" for K, kind in CASES]

@@ -99,6 +99,28 @@ def _nan_if_not_finite(x, G, iters):
 
 
 @triton.jit
+def _tile(ptr, rows, cols, K, other):
+    """The (KP, KP) tile of a row-major (K, K) matrix at ``ptr``, ``other`` outside it."""
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    return tl.load(ptr + rows[:, None] * K + cols[None, :], mask=inside, other=other)
+
+
+@triton.jit
+def _store_tile(ptr, x, rows, cols, K):
+    tl.store(ptr + rows[:, None] * K + cols[None, :], x,
+             mask=(rows < K)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def _onto_simplex(w, uniform):
+    """As the torch solvers end: clamp at 0 (NaN stays NaN), divide by the sum, or the uniform
+    point when nothing positive is left."""
+    w = tl.where(w < 0, 0.0, w)
+    total = tl.sum(w, axis=0)
+    return tl.where(total > 0, w / tl.where(total > 0, total, 1.0), uniform)
+
+
+@triton.jit
 def _face_system(G, free, eye, ridge):
     """G + ridge I on the free block, identity elsewhere (``_qp._masked_system``)."""
     return tl.where(free[:, None] & free[None, :], G + ridge * eye.to(tl.float64),
@@ -115,8 +137,7 @@ def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL:
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :],
-                mask=(rows < K)[:, None] & valid[None, :], other=0.0)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
     u = tl.load(U_ptr + b * K + cols, mask=valid, other=0.0)
     v = u
@@ -151,8 +172,7 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.cons
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :],
-                mask=(rows < K)[:, None] & valid[None, :], other=0.0)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
     uniform = tl.where(valid, 1.0 / K.to(tl.float64), 0.0)
     a = uniform
@@ -176,10 +196,7 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.cons
             tight = tight ^ mask
             go = n > 0
         it += 1
-    a = tl.where(a < 0, 0.0, a)  # clamp(min=0): NaN stays NaN
-    s = tl.sum(a, axis=0)
-    a = tl.where(s > 0, a / tl.where(s > 0, s, 1.0), uniform)
-    tl.store(out_ptr + cols, _nan_if_not_finite(a, G, iters), mask=valid)
+    tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(a, uniform), G, iters), mask=valid)
 
 
 @triton.jit
@@ -193,8 +210,7 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :],
-                mask=(rows < K)[:, None] & valid[None, :], other=0.0)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
     bvec = tl.load(b_ptr + cols, mask=valid, other=0.0)
     s = tl.load(s_ptr)
@@ -227,10 +243,7 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
             tight = tight ^ mask
             go = n > 0
         it += 1
-    w = tl.where(w < 0, 0.0, w)  # clamp(min=0): NaN stays NaN
-    total = tl.sum(w, axis=0)
-    w = tl.where(total > 0, w / tl.where(total > 0, total, 1.0), uniform)
-    tl.store(out_ptr + cols, _nan_if_not_finite(w, G, iters), mask=valid)
+    tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(w, uniform), G, iters), mask=valid)
 
 
 @triton.jit
@@ -244,8 +257,7 @@ def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     eye = rows[:, None] == cols[None, :]
-    inside = (rows < K)[:, None] & (cols < K)[None, :]
-    A = tl.load(A_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    A = _tile(A_ptr, rows, cols, K, 0.0)
     V = tl.where(eye, 1.0, 0.0).to(tl.float64)
     n1 = KP - 1
     norm2 = tl.sum(tl.sum(A * A, axis=1), axis=0)
@@ -290,7 +302,7 @@ def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
     lam_sorted = tl.sum(tl.where(moves, lam[None, :], 0.0), axis=1)
     V_sorted = tl.dot(V, tl.where(tl.trans(moves), 1.0, 0.0).to(tl.float64))
     tl.store(lam_ptr + rows, lam_sorted, mask=rows < K)
-    tl.store(V_ptr + rows[:, None] * K + cols[None, :], V_sorted, mask=inside)
+    _store_tile(V_ptr, V_sorted, rows, cols, K)
 
 
 @triton.jit
@@ -301,8 +313,7 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     valid = cols < K
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :],
-                mask=(rows < K)[:, None] & valid[None, :], other=0.0)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
     a = tl.load(a0_ptr + cols, mask=valid, other=1.0)
     it = 0
@@ -339,9 +350,8 @@ def _pcgrad_kernel(G_ptr, order_ptr, out_ptr, K, KP: tl.constexpr):
     ``projection.pcgrad_coefficients_torch``; the rows ``G[j_i]`` are one-hot products."""
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
-    inside = (rows < K)[:, None] & (cols < K)[None, :]
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
-    order = tl.load(order_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0).to(tl.int32)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
+    order = _tile(order_ptr, rows, cols, K, 0).to(tl.int32)
     eye = rows[:, None] == cols[None, :]
     d = tl.sum(tl.where(eye, G, 0.0), axis=0)
     C = tl.where(eye, 1.0, 0.0).to(tl.float64)
@@ -353,7 +363,7 @@ def _pcgrad_kernel(G_ptr, order_ptr, out_ptr, K, KP: tl.constexpr):
         ok = real & (inner < 0) & (dj > 0) & (t < K)
         step = tl.where(ok, -inner / tl.where(dj > 0, dj, 1.0), 0.0)
         C = C + tl.where(S, step[:, None], 0.0)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], C, mask=inside)
+    _store_tile(out_ptr, C, rows, cols, K)
 
 
 @triton.jit
@@ -364,10 +374,9 @@ def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, BETA: tl.c
     beta, eps = _f64(BETA), _f64(EPS)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
-    inside = (rows < K)[:, None] & (cols < K)[None, :]
-    G = tl.load(G_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
-    order = tl.load(order_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0).to(tl.int32)
-    phi_t = tl.load(phi_ptr + rows[:, None] * K + cols[None, :], mask=inside, other=0.0)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
+    order = _tile(order_ptr, rows, cols, K, 0).to(tl.int32)
+    phi_t = _tile(phi_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
     diag = tl.sum(tl.where(eye, G, 0.0), axis=0)
     norms = tl.sqrt(tl.where(diag > 0, diag, 0.0))
@@ -391,8 +400,8 @@ def _gradvac_kernel(G_ptr, order_ptr, phi_ptr, C_ptr, phi_out_ptr, K, BETA: tl.c
         C = C + tl.where(S, w[:, None], 0.0)
         cG = cG + w[:, None] * tl.dot(S.to(tl.float64), G)
         phi_t = tl.where(S & real[:, None], ((1 - beta) * hat + beta * phi)[:, None], phi_t)
-    tl.store(C_ptr + rows[:, None] * K + cols[None, :], C, mask=inside)
-    tl.store(phi_out_ptr + rows[:, None] * K + cols[None, :], phi_t, mask=inside)
+    _store_tile(C_ptr, C, rows, cols, K)
+    _store_tile(phi_out_ptr, phi_t, rows, cols, K)
 
 
 @triton.jit
@@ -410,7 +419,7 @@ def _trace_normalized_kernel(G_ptr, out_ptr, K, stride0, stride1, EPS: tl.conste
     t = tl.sum(tl.sum(tl.where(eye, G, 0.0), axis=1), axis=0)
     ok = (t > eps) & (tl.abs(t) < float("inf"))
     Gn = tl.where(ok, G / tl.where(ok, t, 1.0), 0.0) + tl.where(eye, reg, 0.0)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], Gn, mask=inside)
+    _store_tile(out_ptr, Gn, rows, cols, K)
 
 
 def _padded(K: int) -> int:
