@@ -174,7 +174,7 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.cons
     valid = cols < K
     G = _tile(G_ptr, rows, cols, K, 0.0)
     eye = rows[:, None] == cols[None, :]
-    uniform = tl.where(valid, 1.0 / K.to(tl.float64), 0.0)
+    uniform = tl.where(valid, 1.0 / (K * _f64(1.0)), 0.0)  # K may be a constexpr 1
     a = uniform
     tight = cols >= K
     best = K + 1
@@ -214,7 +214,7 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
     eye = rows[:, None] == cols[None, :]
     bvec = tl.load(b_ptr + cols, mask=valid, other=0.0)
     s = tl.load(s_ptr)
-    uniform = tl.where(valid, 1.0 / K.to(tl.float64), 0.0)
+    uniform = tl.where(valid, 1.0 / (K * _f64(1.0)), 0.0)  # K may be a constexpr 1
     w = uniform
     tight = cols >= K
     best = K + 1
