@@ -1,4 +1,5 @@
-"""The Triton solver and GradDrop kernels compile for the GPUs they are meant for (sm_80, sm_90), here, without
+"""The Triton solver and GradDrop kernels (and the other kernels changed since the last GPU run)
+compile for the GPUs they are meant for (sm_80, sm_90), here, without
 a GPU: ``triton.compile`` lowers them to PTX and runs ptxas. The interpreter that runs them in the
 rest of the suite does not compile, so it misses what only the compiler rejects (a loop-carried
 value changing type, an unsupported op or dtype). Run as a script, it also prints each kernel's
@@ -8,6 +9,7 @@ The compile runs in a subprocess: under TRITON_INTERPRET=1 (set by conftest) ``t
 makes interpreter functions, which the compiler does not take.
 """
 
+import importlib
 import os
 import subprocess
 import sys
@@ -19,12 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def kernels():
-    """(name, kernel, signature, constexprs, num_warps) for every solver kernel and tile size, and
-    the GradDrop kernel in three dtypes."""
+    """(name, kernel, signature, constexprs, num_warps) for every solver kernel and tile size, the
+    GradDrop kernel in three dtypes, and the kernels changed since the last GPU run."""
     import triton.language as tl
 
     from mmgrad.triton import graddrop as GD
+    from mmgrad.triton import segments as SG
     from mmgrad.triton import solvers as S
+
+    # (the package exports functions named like these two modules)
+    FD = importlib.import_module("mmgrad.triton.feature_drop")
+    PU = importlib.import_module("mmgrad.triton.philox_uniform")
 
     qp = {"K": "i32", "iters": "i32", "RIDGE": "constexpr", "TOL": "constexpr",
           "BACKUP": "constexpr", "KP": "constexpr"}
@@ -67,27 +74,53 @@ def kernels():
                "counter": "*i64", "index": "*i64", "leak": "*fp64" if dtype == "fp64" else "*fp32",
                "K": "i32", "P": "i64", "HAS_INDEX": "constexpr", "HAS_LEAK": "constexpr",
                "ACC": "constexpr", "KP": "constexpr", "BLOCK": "constexpr"}
-        for KP in (2, 64):
+        for KP in (2, 16, 64):
             out.append((f"graddrop_{dtype}", GD._graddrop_kernel, sig,
-                        {"HAS_INDEX": KP == 64, "HAS_LEAK": KP == 2, "ACC": acc, "KP": KP,
+                        {"HAS_INDEX": KP == 64, "HAS_LEAK": KP != 64, "ACC": acc, "KP": KP,
                          "BLOCK": GD.TILE // KP}, 4))
+    # Kernels written or changed after the last GPU run (2026-11-22): the uniforms (plain and
+    # packed), OPM's feature dropping, the per-segment reduce kernels.
+    for packed in (False, True):
+        for has_index in (False, True):
+            out.append((f"philox_uniform[packed={packed},index={has_index}]",
+                        PU._philox_uniform_kernel,
+                        {"out": "*fp32", "seed": "*i64", "counter": "*i64", "index": "*i64",
+                         "n": "i64", "HAS_INDEX": "constexpr", "PACKED": "constexpr",
+                         "BLOCK": "constexpr"},
+                        {"HAS_INDEX": has_index, "PACKED": packed, "BLOCK": 1024}, PU.NUM_WARPS))
+    for dtype, acc in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+        out.append((f"feature_drop_{dtype}", FD._feature_drop_kernel,
+                    {"z": f"*{dtype}", "out": f"*{dtype}", "keep": "*i1", "drop_prob": "*fp64",
+                     "scale": "*fp64", "seed": "*i64", "counter": "*i64", "N": "i64", "ldz": "i64",
+                     "col0": "i64", "width": "i64", "m": "i32", "M": "i32", "D": "i64",
+                     "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr"},
+                    {"BR": FD.BR, "BC": FD.BC, "ACC": acc}, FD.NUM_WARPS))
+    for acc in ("fp32", "fp64"):
+        out.append((f"moments_reduce_{acc}", SG._moments_reduce_kernel,
+                    {"part": f"*{acc}", "tile_end": "*i64", "numels": "*i64", "out": f"*{acc}",
+                     "S": "i32", "TILE": "constexpr", "BS": "constexpr", "RP": "constexpr"},
+                    {"TILE": SG.TILE, "BS": 1024, "RP": 256}, 4))
+        out.append((f"segment_gram_reduce_{acc}", SG._sgram_reduce_kernel,
+                    {"part": f"*{acc}", "tile_end": "*i64", "numels": "*i64", "out": f"*{acc}",
+                     "K": "i32", "KP": "i32", "TILE": "constexpr", "BS": "constexpr",
+                     "BLOCK_E": "constexpr", "RP": "constexpr"},
+                    {"TILE": SG.TILE, "BS": 0, "BLOCK_E": 64, "RP": 16}, 4))
     return out
 
 
 def with_ones(entries):
-    """Each entry, and for the small tiles its variants with an integer argument (K, P, iters,
-    sweeps, a stride) equal to 1: a launch specialises such an argument into a constant (a K = 1
-    call, a contiguous G's unit stride, compile their own kernel), so code that treats it as a
-    tensor fails only then."""
+    """Each entry, and its variants with one integer argument (K, P, iters, a stride, ...) equal
+    to 1 (once per kernel: the solvers' KP = 16 tile, the float32 variant): a launch specialises
+    such an argument into a constant (a K = 1 call, a contiguous G's unit stride, compile their
+    own kernel), so code that treats it as a tensor fails only then."""
     out = []
     for name, fn, sig, constexprs, warps in entries:
         out.append((name, fn, sig, constexprs, warps))
-        if constexprs.get("KP") not in (2, 16):
+        if constexprs.get("KP", 16) != 16 or name.endswith(("_bf16", "_fp64")):
             continue
-        for arg in ("K", "P", "iters", "sweeps", "stride0", "stride1", "stride_k"):
-            if arg in sig:
-                out.append((f"{name}[{arg}=1]", fn, {**sig, arg: "constexpr"},
-                            {**constexprs, arg: 1}, warps))
+        for arg in [a for a, t in sig.items() if t in ("i32", "i64")]:
+            out.append((f"{name}[{arg}=1]", fn, {**sig, arg: "constexpr"},
+                        {**constexprs, arg: 1}, warps))
     return out
 
 
@@ -114,7 +147,8 @@ def main() -> None:
                 usage = next((line.split("CONSTANT")[0].strip() for line in res.splitlines()
                               if "REG:" in line), "")
                 cubin.unlink()
-            print(f"sm_{arch} {name} KP={constexprs['KP']} warps={warps}: {usage}", flush=True)
+            tile = f" KP={constexprs['KP']}" if "KP" in constexprs else ""
+            print(f"sm_{arch} {name}{tile} warps={warps}: {usage}", flush=True)
 
 
 def test_kernels_compile_for_sm80_and_sm90():
