@@ -79,7 +79,8 @@ def kernels():
                         {"HAS_INDEX": KP == 64, "HAS_LEAK": KP != 64, "ACC": acc, "KP": KP,
                          "BLOCK": GD.TILE // KP}, 4))
     # Kernels written or changed after the last GPU run (2026-11-22): the uniforms (plain and
-    # packed), OPM's feature dropping, the per-segment reduce kernels.
+    # packed), OPM's feature dropping, the noisy scaling (its Philox moved), the per-segment
+    # reduce kernels.
     for packed in (False, True):
         for has_index in (False, True):
             out.append((f"philox_uniform[packed={packed},index={has_index}]",
@@ -95,6 +96,16 @@ def kernels():
                      "col0": "i64", "width": "i64", "m": "i32", "M": "i32", "D": "i64",
                      "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr"},
                     {"BR": FD.BR, "BC": FD.BC, "ACC": acc}, FD.NUM_WARPS))
+    for dtype, acc in (("fp32", tl.float32), ("bf16", tl.float32)):  # OGM-GE's noisy scaling
+        out.append((f"segment_scale_noise_{dtype}", SG._scale_kernel,
+                    {"x": f"*{dtype}", "tile_end": "*i64", "offsets": "*i64", "numels": "*i64",
+                     "scale": "*fp32", "noise_std": "*fp32", "seed": "*i64", "S": "i32",
+                     "nsteps": "i32", "TILE": "constexpr", "BS": "constexpr", "BLOCK": "constexpr",
+                     "ALIGN": "constexpr", "NS": "constexpr", "ACC": "constexpr",
+                     "HAS_NOISE": "constexpr", "PRECISE": "constexpr"},
+                    {"TILE": SG.TILE, "BS": 1024, "BLOCK": SG.BLOCK, "ALIGN": SG.ALIGN,
+                     "NS": SG.NUM_STAGES, "ACC": acc, "HAS_NOISE": True, "PRECISE": True},
+                    SG.NUM_WARPS))
     for acc in ("fp32", "fp64"):
         out.append((f"moments_reduce_{acc}", SG._moments_reduce_kernel,
                     {"part": f"*{acc}", "tile_end": "*i64", "numels": "*i64", "out": f"*{acc}",
