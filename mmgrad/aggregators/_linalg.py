@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from mmgrad._custom_op import plain_eager
+
 from .base import use_triton_solver
 
 #: Sweeps of the parallel cyclic Jacobi method. Jacobi converges quadratically once the
@@ -92,12 +94,13 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Ten
 
 def sym_eig(A: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``eigh`` that never synchronises (``method`` = ``"auto"`` | ``"lapack"`` | ``"jacobi"``).
-    ``"auto"``: the one-launch Triton Jacobi kernel where the Triton backend serves ``A``
-    (:func:`mmgrad.triton.solvers.jacobi_eigh`), else LAPACK on the CPU and :func:`jacobi_eigh`
+    ``"auto"``: in plain eager mode the one-launch Triton Jacobi kernel where the Triton backend
+    serves ``A`` (:func:`mmgrad.triton.solvers.jacobi_eigh`; not a custom op, so a
+    ``torch.compile`` trace takes the torch ops), else LAPACK on the CPU and :func:`jacobi_eigh`
     (torch ops) elsewhere."""
     if method not in ("auto", "lapack", "jacobi"):
         raise ValueError(f"unknown eigen method {method!r}")
-    if method == "auto" and use_triton_solver(A):
+    if method == "auto" and plain_eager((A,)) and use_triton_solver(A):
         from mmgrad.triton import solvers
         return solvers.jacobi_eigh(A, JACOBI_SWEEPS)
     if method == "lapack" or (method == "auto" and A.device.type == "cpu"):
