@@ -33,9 +33,10 @@ T=${TEST_SECONDS:-200}
 # -x: one run should show every failure.
 timeout "$T" python3 -m pytest -q -p no:cacheprovider \
   tests/test_cuda.py tests/test_cuda_kernels.py tests/test_triton_solvers.py \
-  tests/test_triton_backend.py tests/test_ops.py tests/test_aggregators.py \
+  tests/test_triton_graddrop.py tests/test_triton_backend.py tests/test_ops.py \
+  tests/test_aggregators.py \
   tests/test_reliability.py tests/test_philox_uniform.py tests/test_opm.py \
-  -k "cuda or CUDA or gpu or GPU or sync or triton or solvers" 2>&1 | tee "$OUT/tests.txt" | tail -40
+  -k "cuda or CUDA or gpu or GPU or sync or triton" 2>&1 | tee "$OUT/tests.txt" | tail -40
 B=${BENCH_SECONDS:-240}
 [ "$B" = 0 ] && exit 0
 # Every benchmark in one script and one table. It starts no new row after --seconds, a minute before
