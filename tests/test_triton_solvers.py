@@ -197,6 +197,30 @@ def test_trace_normalized_matches_the_torch_ops(dtype, K, gen):
                            0.5 * torch.eye(K, dtype=F64))
 
 
+@pytest.mark.parametrize("K,kind", [(1, "full"), (2, "duplicates"), (3, "full"), (8, "low_rank"),
+                                    (8, "zero_rows"), (17, "near_parallel"), (64, "low_rank")])
+def test_eigen_methods_in_one_kernel_match_torch(K, kind, gen):
+    """IMTL-G's, ConFIG's and Aligned-MTL's whole weights(G) (normalisation, Jacobi, pinv or
+    inverse square root, scaling) in one kernel == the torch code with the torch Jacobi solver
+    (eig="jacobi": the same rotations), every option that reaches the kernel. A float32 G, as
+    training gives: the default cut-offs (K x float32 epsilon) bound the pinv's condition number
+    by ~1e6, so the two agree to the output's rounding."""
+    G = random_gram(K, kind, 1.0, gen).float()
+    pref = torch.rand(K, generator=gen, dtype=F64) + 0.1
+    sweeps = _linalg.JACOBI_SWEEPS
+    rtol = K * torch.finfo(torch.float32).eps
+    cases = [("imtl_g", {}, lambda: solvers.pinv_weights(G.to(DEV), None, rtol, sweeps)),
+             ("config", {"pref_vector": pref},
+              lambda: solvers.pinv_weights(G.to(DEV), pref.to(DEV), max(rtol, 1e-7) ** 2, sweeps))]
+    for mode, scale_mode in enumerate(("min", "median", "rmse")):
+        cases.append(("aligned_mtl", {"pref_vector": pref, "scale_mode": scale_mode},
+                      lambda mode=mode: solvers.aligned_weights(G.to(DEV), pref.to(DEV), rtol,
+                                                                mode, sweeps)))
+    for name, opts, kernel in cases:
+        want = mmgrad.aggregators.get(name, eig="jacobi", **opts).weights(G)
+        assert_rows_close(kernel().cpu().float(), want, 1e-6)
+
+
 def test_empty_batch():
     G = torch.eye(3, dtype=F64, device=DEV)
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
@@ -212,8 +236,8 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
     monkeypatch.setenv("MMGRAD_BACKEND", "reference")
     want = mmgrad.weights(ops.gram(J), name)
     calls = []
-    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "jacobi_eigh",
-               "pcgrad_coefficients", "gradvac_coefficients", "nash_newton"):
+    for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "pinv_weights",
+               "aligned_weights", "pcgrad_coefficients", "gradvac_coefficients", "nash_newton"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     normalized_calls = []
@@ -223,7 +247,8 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
     monkeypatch.setenv("MMGRAD_BACKEND", "triton")
     got = mmgrad.weights(ops.gram(J.to(DEV)), name).cpu()
     assert calls, f"{name} did not run a Triton solver"
-    if name != "nash_mtl":  # (Nash-MTL divides G by its Frobenius norm)
+    # (Nash-MTL divides G by its Frobenius norm; the eigen methods normalise inside their kernel)
+    if name not in ("nash_mtl", "imtl_g", "aligned_mtl", "config"):
         assert normalized_calls, f"{name} did not normalise G in the Triton kernel"
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     big = torch.eye(solvers.MAX_K + 1, dtype=F64, device=DEV)
@@ -240,6 +265,8 @@ def test_kernels_are_sync_free_and_graph_capturable(gen):
     run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
                    solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX),
                    *solvers.jacobi_eigh(G, _linalg.JACOBI_SWEEPS),
+                   solvers.pinv_weights(G, None, 1e-14, _linalg.JACOBI_SWEEPS),
+                   solvers.aligned_weights(G, U[0], 1e-14, 1, _linalg.JACOBI_SWEEPS),
                    solvers.pcgrad_coefficients(G, order),
                    *solvers.gradvac_coefficients(G, order, torch.zeros_like(G), 0.5, 1e-8),
                    solvers.nash_newton(G, torch.ones(K, dtype=F64, device="cuda"), 20))

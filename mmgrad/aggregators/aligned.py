@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._linalg import sym_eig
-from .base import Aggregator, _PrefMixin, check_gram, normalized
+from ._linalg import JACOBI_SWEEPS, sym_eig
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_weights
 
 
 class AlignedMTL(_PrefMixin, Aggregator):
@@ -18,7 +18,8 @@ class AlignedMTL(_PrefMixin, Aggregator):
     eigenvalue (``"min"``), lower median (``"median"``) or mean (``"rmse"``); weights
     ``B @ pref`` (pref default 1/K), ``pref`` when the rank is 0. The rank is a mask, not a Python
     int, so nothing synchronises; the eigendecomposition is LAPACK on CPU and a fixed-sweep Jacobi
-    elsewhere (``torch.linalg.eigh`` synchronises on CUDA). ``G`` is normalised by its trace
+    elsewhere (``torch.linalg.eigh`` synchronises on CUDA); where the Triton backend serves ``G``
+    the whole method is one kernel. ``G`` is normalised by its trace
     (B is scale-invariant).
     """
 
@@ -37,6 +38,12 @@ class AlignedMTL(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
+        if use_triton_weights(G, self.eig):  # the whole method in one kernel
+            from mmgrad.triton import solvers
+            pref = self._pref_for(K, G, dtype=torch.float64)
+            mode = ("min", "median", "rmse").index(self.scale_mode)
+            return solvers.aligned_weights(G, pref, K * torch.finfo(G.dtype).eps, mode,
+                                           JACOBI_SWEEPS).to(G.dtype)
         Gn = normalized(G)
         pref = self._pref_for(K, Gn)
         lam, V = sym_eig(Gn, self.eig)  # ascending

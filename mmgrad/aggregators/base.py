@@ -74,6 +74,14 @@ def use_triton_solver(G: torch.Tensor) -> bool:
     return G.dtype == torch.float64 and _triton_serves(G)
 
 
+def use_triton_weights(G: torch.Tensor, eig: str) -> bool:
+    """Whether an eigen-based method (IMTL-G, Aligned-MTL, ConFIG) computes its whole
+    ``weights(G)`` in one Triton kernel (:mod:`mmgrad.triton.solvers`): plain eager mode (the
+    kernels are not custom ops), ``eig="auto"``, float64 solves and :func:`_triton_serves`."""
+    return (eig == "auto" and plain_eager((G,)) and G.is_floating_point()
+            and solve_dtype(G.device) == torch.float64 and _triton_serves(G))
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -137,20 +145,21 @@ class _PrefMixin:
         self._pref_cache = {}
 
     def _pref_for(self, K: int, ref: torch.Tensor, default: float | None = None,
-                  diagonal: bool = False) -> torch.Tensor:
-        """Preference vector (K,) on ``ref``'s device/dtype (as a (K, K) diagonal matrix with
-        ``diagonal``); ``default`` fills it when unset (``None`` means 1/K). Cached per device,
-        dtype and K: callers must not modify it."""
+                  diagonal: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Preference vector (K,) on ``ref``'s device, in ``dtype`` (default ``ref``'s), as a
+        (K, K) diagonal matrix with ``diagonal``; ``default`` fills it when unset (``None`` means
+        1/K). Cached per device, dtype and K: callers must not modify it."""
         if self._pref is not None and self._pref.shape[0] != K:
             raise ValueError(f"pref_vector has {self._pref.shape[0]} entries but there are {K} rows")
-        key = (ref.device, ref.dtype, K, default, diagonal)
+        dtype = ref.dtype if dtype is None else dtype
+        key = (ref.device, dtype, K, default, diagonal)
         p = self._pref_cache.get(key)
         if p is None:  # one host-to-device copy (or fill) per device, at the first call
             if self._pref is None:
                 fill = (1.0 / K) if default is None else default
-                p = torch.full((K,), fill, dtype=ref.dtype, device=ref.device)
+                p = torch.full((K,), fill, dtype=dtype, device=ref.device)
             else:
-                p = self._pref.to(device=ref.device, dtype=ref.dtype)
+                p = self._pref.to(device=ref.device, dtype=dtype)
             p = torch.diag(p) if diagonal else p
             self._pref_cache[key] = p
         return p

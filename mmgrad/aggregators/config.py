@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._linalg import pinv_apply
-from .base import Aggregator, _PrefMixin, check_gram, normalized
+from ._linalg import JACOBI_SWEEPS, pinv_apply
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_weights
 
 
 class ConFIG(_PrefMixin, Aggregator):
@@ -22,7 +22,8 @@ class ConFIG(_PrefMixin, Aggregator):
     relative on singular values, i.e. it depends on P (0.12 for P = 1M in float32: nearly parallel
     gradients are merged). Here the cut-off is ``rtol`` (default ``K * eps(G.dtype)``) on the
     singular values of ``U``, floored at 1e-7 (the square root of float64's resolution on the
-    eigenvalues of ``Ghat``). Pass ``rtol=max(K, P) * eps`` to reproduce torchjd.
+    eigenvalues of ``Ghat``). Pass ``rtol=max(K, P) * eps`` to reproduce torchjd. Where the Triton
+    backend serves ``G`` the whole method is one kernel.
     """
 
     name = "config"
@@ -38,14 +39,18 @@ class ConFIG(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
+        rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
+        rtol = max(rtol, 1e-7)
+        if use_triton_weights(G, self.eig):  # the whole method in one kernel
+            from mmgrad.triton import solvers
+            pref = self._pref_for(K, G, default=1.0, dtype=torch.float64)
+            return solvers.pinv_weights(G, pref, rtol * rtol, JACOBI_SWEEPS).to(G.dtype)
         Gn = normalized(G)
         pref = self._pref_for(K, Gn, default=1.0)
         d = Gn.diagonal().clamp(min=0).sqrt()
         inv_d = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),
                             torch.zeros_like(d))
         cos = inv_d.unsqueeze(1) * Gn * inv_d.unsqueeze(0)
-        rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
-        rtol = max(rtol, 1e-7)
         c = inv_d * pinv_apply(cos, pref, rtol * rtol, self.eig)
         Gc = Gn @ c
         nb2 = c @ Gc

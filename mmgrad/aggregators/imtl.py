@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import pinv_apply
-from .base import Aggregator, check_gram, normalized
+from ._linalg import JACOBI_SWEEPS, pinv_apply
+from .base import Aggregator, check_gram, normalized, use_triton_weights
 
 
 class IMTLG(Aggregator):
@@ -14,7 +14,8 @@ class IMTLG(Aggregator):
 
     ``pinv`` keeps torch's default cut-off (eigenvalues above ``K * eps(G.dtype)`` times the
     largest), computed from a symmetric eigendecomposition (:func:`mmgrad.aggregators._linalg.
-    sym_eig`: LAPACK on CPU, fixed-sweep Jacobi on GPU, because ``torch.linalg.pinv`` synchronises).
+    sym_eig`: LAPACK on CPU, fixed-sweep Jacobi on GPU, because ``torch.linalg.pinv`` synchronises;
+    where the Triton backend serves ``G`` the whole method is one kernel).
     Difference: ``G`` is normalised by its trace first, so the ``1e-12`` threshold applies to the
     scale-free sum (torchjd's threshold is absolute, so whether it fires depends on the gradients'
     scale).
@@ -28,8 +29,11 @@ class IMTLG(Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        Gn = normalized(G)
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
+        if use_triton_weights(G, self.eig):
+            from mmgrad.triton import solvers
+            return solvers.pinv_weights(G, None, rtol, JACOBI_SWEEPS).to(G.dtype)
+        Gn = normalized(G)
         d = Gn.diagonal().clamp(min=0).sqrt()
         v = pinv_apply(Gn, d, rtol, self.eig)
         s = v.sum()

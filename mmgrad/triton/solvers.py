@@ -20,6 +20,8 @@ stay at 0 and never become infeasible.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -247,17 +249,14 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
 
 
 @triton.jit
-def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
-    """Eigen-decomposition of a symmetric (K, K) A by the parallel cyclic Jacobi method of
-    ``_linalg.jacobi_eigh``: each round rotates KP / 2 disjoint pairs at once (the circle-method
-    schedule over the padded size KP; a pair with a padding index is the identity), ``A <- R^T A R``
-    and ``V <- V R`` as tile products. Stops after a sweep that leaves the off-diagonal part below
-    1e-15 of A's norm (one more sweep changes nothing at float64 resolution), else after
-    ``sweeps``. Writes ascending eigenvalues and the matching eigenvector columns."""
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    eye = rows[:, None] == cols[None, :]
-    A = _tile(A_ptr, rows, cols, K, 0.0)
+def _jacobi(A, rows, cols, eye, K, sweeps, KP: tl.constexpr):
+    """The parallel cyclic Jacobi method of ``_linalg.jacobi_eigh`` on a symmetric (KP, KP) tile
+    (zero outside the K x K block): each round rotates KP / 2 disjoint pairs at once (the
+    circle-method schedule over KP; a pair with a padding index is the identity),
+    ``A <- R^T A R`` and ``V <- V R`` as tile products. Stops after a sweep that leaves the
+    off-diagonal part below 1e-15 of A's norm (one more sweep changes nothing at float64
+    resolution), else after ``sweeps``. Returns (A, V): the eigenvalues on A's diagonal, the
+    eigenvectors in V's columns, unsorted."""
     V = tl.where(eye, 1.0, 0.0).to(tl.float64)
     n1 = KP - 1
     norm2 = tl.sum(tl.sum(A * A, axis=1), axis=0)
@@ -291,6 +290,17 @@ def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
         off = tl.sum(tl.sum(tl.where(eye, 0.0, A * A), axis=1), axis=0)
         go = off > 1e-30 * norm2
         sweep += 1
+    return A, V
+
+
+@triton.jit
+def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
+    """``_linalg.jacobi_eigh`` (:func:`_jacobi`): ascending eigenvalues and the matching
+    eigenvector columns of a symmetric (K, K) A."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    eye = rows[:, None] == cols[None, :]
+    A, V = _jacobi(_tile(A_ptr, rows, cols, K, 0.0), rows, cols, eye, K, sweeps, KP)
     lam = tl.sum(tl.where(eye, A, 0.0), axis=0)
     lam_r = tl.sum(tl.where(eye, A, 0.0), axis=1)
     valid = cols < K
@@ -303,6 +313,94 @@ def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
     V_sorted = tl.dot(V, tl.where(tl.trans(moves), 1.0, 0.0).to(tl.float64))
     tl.store(lam_ptr + rows, lam_sorted, mask=rows < K)
     _store_tile(V_ptr, V_sorted, rows, cols, K)
+
+
+@triton.jit
+def _trace_normalized_tile(G_ptr, stride0, stride1, rows, cols, eye, K, eps):
+    """A (K, K) G of any float dtype and strides in float64 over its trace (zero when the trace
+    is <= eps or not finite), as a tile: ``base.normalize_trace``."""
+    inside = (rows < K)[:, None] & (cols < K)[None, :]
+    G = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
+                other=0.0).to(tl.float64)
+    t = tl.sum(tl.sum(tl.where(eye, G, 0.0), axis=1), axis=0)
+    ok = (t > eps) & (tl.abs(t) < float("inf"))
+    return tl.where(ok, G / tl.where(ok, t, 1.0), 0.0)
+
+
+@triton.jit
+def _pinv_weights_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, K, sweeps,
+                         RTOL: tl.constexpr, CONFIG: tl.constexpr, KP: tl.constexpr):
+    """The whole ``weights(G)`` of IMTL-G (``CONFIG`` false: ``v = pinv(Gn) sqrt(diag Gn)``, then
+    ``v / sum(v)``, zero when ``|sum(v)| < 1e-12``) or of ConFIG (``c = D^-1 pinv(Ghat) pref``
+    with ``Ghat`` the cosine matrix, then ``c (1^T Gn c) / (c^T Gn c)``), as ``imtl.IMTLG`` and
+    ``config.ConFIG`` compute them: Gn = G over its trace, pinv from :func:`_jacobi` with the
+    relative cut-off RTOL on the eigenvalues."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    eye = rows[:, None] == cols[None, :]
+    Gn = _trace_normalized_tile(G_ptr, stride0, stride1, rows, cols, eye, K, _f64(0.0))
+    d = tl.sum(tl.where(eye, Gn, 0.0), axis=1)
+    d = tl.sqrt(tl.where(d > 0, d, 0.0))
+    if CONFIG:
+        inv_d = tl.where(d > 0, 1.0 / tl.where(d > 0, d, 1.0), 0.0)
+        inv_d_c = tl.sum(tl.where(eye, inv_d[:, None], 0.0), axis=0)
+        M = inv_d[:, None] * Gn * inv_d_c[None, :]
+        b = tl.load(pref_ptr + rows, mask=rows < K, other=0.0)
+    else:
+        M = Gn
+        b = d
+    A, V = _jacobi(M, rows, cols, eye, K, sweeps, KP)
+    lam = tl.sum(tl.where(eye, A, 0.0), axis=0)
+    keep = tl.abs(lam) > _f64(RTOL) * tl.max(tl.abs(lam), axis=0)
+    inv = tl.where(keep, 1.0 / tl.where(keep, lam, 1.0), 0.0)
+    x = tl.sum(V * (inv * tl.sum(V * b[:, None], axis=0))[None, :], axis=1)  # pinv(M) b
+    if CONFIG:
+        c = inv_d * x
+        c_c = tl.sum(tl.where(eye, c[:, None], 0.0), axis=0)
+        Gc = tl.sum(Gn * c_c[None, :], axis=1)
+        nb2 = tl.sum(c * Gc, axis=0)
+        w = tl.where(nb2 > 0, c * (tl.sum(Gc, axis=0) / tl.where(nb2 > 0, nb2, 1.0)), 0.0)
+    else:
+        total = tl.sum(x, axis=0)
+        ok = tl.abs(total) >= _f64(1e-12)
+        w = tl.where(ok, x / tl.where(ok, total, 1.0), 0.0)
+    tl.store(out_ptr + rows, w, mask=rows < K)
+
+
+@triton.jit
+def _aligned_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, K, sweeps,
+                    TOL: tl.constexpr, MODE: tl.constexpr, KP: tl.constexpr):
+    """The whole ``weights(G)`` of Aligned-MTL, as ``aligned.AlignedMTL``: eigenvalues of Gn at
+    most ``max(l) * TOL`` dropped, ``w = sqrt(sigma) V diag(l^-1/2) V^T pref`` on the kept ones
+    with sigma their smallest (MODE 0), lower median (1) or mean (2); ``pref`` at rank 0."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    eye = rows[:, None] == cols[None, :]
+    valid = cols < K
+    Gn = _trace_normalized_tile(G_ptr, stride0, stride1, rows, cols, eye, K, _f64(0.0))
+    pref = tl.load(pref_ptr + rows, mask=rows < K, other=0.0)
+    A, V = _jacobi(Gn, rows, cols, eye, K, sweeps, KP)
+    lam = tl.sum(tl.where(eye, A, 0.0), axis=0)
+    lam_max = tl.max(tl.where(valid, lam, -float("inf")), axis=0)
+    keep = (lam > lam_max * _f64(TOL)) & valid
+    rank = tl.sum(keep.to(tl.int32), axis=0)
+    if MODE == 0:
+        scale = tl.min(tl.where(keep, lam, float("inf")), axis=0)
+    elif MODE == 1:
+        lam_r = tl.sum(tl.where(eye, A, 0.0), axis=1)
+        keep_r = tl.sum(tl.where(eye, keep[None, :], 0), axis=1) > 0
+        # position among the kept ones, ascending, ties by index
+        before = keep_r[:, None] & ((lam_r[:, None] < lam[None, :]) | (
+            (lam_r[:, None] == lam[None, :]) & (rows[:, None] < cols[None, :])))
+        order = tl.sum(before.to(tl.int32), axis=0)
+        median = keep & (order == (rank - 1) // 2)
+        scale = tl.sum(tl.where(median, lam, 0.0), axis=0)
+    else:
+        scale = tl.sum(tl.where(keep, lam, 0.0), axis=0) / tl.maximum(rank, 1).to(tl.float64)
+    inv_sqrt = tl.where(keep, 1.0 / tl.sqrt(tl.where(keep, lam, 1.0)), 0.0)
+    w = tl.sum(V * (inv_sqrt * tl.sum(V * pref[:, None], axis=0))[None, :], axis=1)
+    w = tl.sqrt(tl.where(scale > 0, scale, 0.0)) * w
+    tl.store(out_ptr + rows, tl.where(rank > 0, w, pref), mask=rows < K)
 
 
 @triton.jit
@@ -409,17 +507,11 @@ def _trace_normalized_kernel(G_ptr, out_ptr, K, stride0, stride1, EPS: tl.conste
                              REG: tl.constexpr, KP: tl.constexpr):
     """``base.normalized``: G in float64 over its trace (zero when the trace is <= eps or not
     finite), plus reg on the diagonal."""
-    eps, reg = _f64(EPS), _f64(REG)
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
-    inside = (rows < K)[:, None] & (cols < K)[None, :]
     eye = rows[:, None] == cols[None, :]
-    G = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
-                other=0.0).to(tl.float64)
-    t = tl.sum(tl.sum(tl.where(eye, G, 0.0), axis=1), axis=0)
-    ok = (t > eps) & (tl.abs(t) < float("inf"))
-    Gn = tl.where(ok, G / tl.where(ok, t, 1.0), 0.0) + tl.where(eye, reg, 0.0)
-    _store_tile(out_ptr, Gn, rows, cols, K)
+    Gn = _trace_normalized_tile(G_ptr, stride0, stride1, rows, cols, eye, K, _f64(EPS))
+    _store_tile(out_ptr, Gn + tl.where(eye, _f64(REG), 0.0), rows, cols, K)
 
 
 def _padded(K: int) -> int:
@@ -496,7 +588,7 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tenso
     K = A.shape[0]
     lam = A.new_empty(K)
     V = A.new_empty(K, K)
-    KP = max(16, _padded(K))  # tl.dot takes tiles of 16 and more
+    KP = _eig_padded(K)
     _jacobi_eigh_kernel[(1,)](A.contiguous(), lam, V, K, sweeps, KP=KP, num_warps=_num_warps(KP))
     return lam, V
 
@@ -534,3 +626,34 @@ def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tens
                           phi_out, K, BETA=float(beta), EPS=float(eps), KP=KP,
                           num_warps=_num_warps(KP))
     return C, phi_out
+
+
+def _eig_padded(K: int) -> int:
+    return max(16, _padded(K))  # tl.dot takes tiles of 16 and more
+
+
+def pinv_weights(G: torch.Tensor, pref: Optional[torch.Tensor], rtol: float,
+                 sweeps: int) -> torch.Tensor:
+    """IMTL-G's weights (``pref`` None) or ConFIG's (``pref`` (K,) float64) of a (K, K) G of any
+    float dtype, K <= MAX_K, in one program: float64, ``rtol`` the cut-off relative to the
+    largest eigenvalue (ConFIG: on the cosine matrix, already squared)."""
+    K = G.shape[0]
+    out = torch.empty(K, dtype=torch.float64, device=G.device)
+    KP = _eig_padded(K)
+    _pinv_weights_kernel[(1,)](G, G.stride(0), G.stride(1), out if pref is None else pref, out, K,
+                               sweeps, RTOL=float(rtol), CONFIG=pref is not None, KP=KP,
+                               num_warps=_num_warps(KP))
+    return out
+
+
+def aligned_weights(G: torch.Tensor, pref: torch.Tensor, tol: float, mode: int,
+                    sweeps: int) -> torch.Tensor:
+    """Aligned-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
+    float64; ``tol`` the cut-off relative to the largest eigenvalue, ``mode`` 0 / 1 / 2 for the
+    smallest / lower median / mean kept eigenvalue as the scale."""
+    K = G.shape[0]
+    out = torch.empty(K, dtype=torch.float64, device=G.device)
+    KP = _eig_padded(K)
+    _aligned_kernel[(1,)](G, G.stride(0), G.stride(1), pref.contiguous(), out, K, sweeps,
+                          TOL=float(tol), MODE=mode, KP=KP, num_warps=_num_warps(KP))
+    return out
