@@ -47,8 +47,8 @@ def _triton_on_cpu() -> str | None:
 @pytest.mark.parametrize("name", mmgrad.aggregators.GRAM_NAMES)
 def test_aggregators_trace_into_one_graph(name, backend, monkeypatch):
     """Also with the Triton backend, whose solver kernels run inside their custom ops and whose
-    eager-only shortcuts (the trace normalisation, the Jacobi kernel) give way to torch ops in
-    the trace: the compiled call returns the eager weights."""
+    eager-only kernels (the trace normalisation, the eigen methods' whole weights) give way to
+    torch ops in the trace: the compiled call returns the eager weights."""
     if backend is not None:
         monkeypatch.setenv("MMGRAD_BACKEND", backend)
 

@@ -40,8 +40,6 @@ def kernels():
     min_norm = {"G_ptr": "*fp64", "out_ptr": "*fp64", **qp}
     cagrad = {"G_ptr": "*fp64", "b_ptr": "*fp64", "s_ptr": "*fp64", "out_ptr": "*fp64", **qp,
               "KAPPA_MAX": "constexpr"}
-    eigh = {"A_ptr": "*fp64", "lam_ptr": "*fp64", "V_ptr": "*fp64", "K": "i32", "sweeps": "i32",
-            "KP": "constexpr"}
     nash = {"G_ptr": "*fp64", "a0_ptr": "*fp64", "out_ptr": "*fp64", "K": "i32", "iters": "i32",
             "KP": "constexpr"}
     pcgrad = {"G_ptr": "*fp64", "order_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
@@ -72,7 +70,6 @@ def kernels():
                     {"EPS": 0.0, "REG": 1e-4, "KP": KP}, S._num_warps(KP)))
         if KP >= 16:  # tl.dot tiles
             for name, fn, sig, constants in (
-                    ("jacobi_eigh", S._jacobi_eigh_kernel, eigh, {}),
                     ("imtl_g", S._pinv_weights_kernel, eig_weights,
                      {"RTOL": 1e-6, "CONFIG": False}),
                     ("config", S._pinv_weights_kernel, eig_weights,

@@ -143,20 +143,6 @@ def test_non_finite_gram_gives_nan_weights():
     assert solvers.cagrad_dual(G, b, s, 7, *ARGS, cagrad._KAPPA_MAX).isnan().all()
 
 
-@pytest.mark.parametrize("K,kind", [(1, "full"), (2, "duplicates"), (3, "full"), (8, "low_rank"),
-                                    (8, "zero_rows"), (17, "near_parallel"), (64, "low_rank")])
-def test_jacobi_eigh_matches_lapack(K, kind, gen):
-    """Ascending eigenvalues as LAPACK's, orthonormal vectors that reconstruct A (the torch Jacobi's
-    documented accuracy: 1e-12 on the eigenvalues, 1e-10 on V diag(l) V^T of a trace-1 A)."""
-    A = _gram(K, kind, gen)
-    lam, V = solvers.jacobi_eigh(A.to(DEV), _linalg.JACOBI_SWEEPS)
-    lam, V = lam.cpu(), V.cpu()
-    assert torch.all(lam[1:] >= lam[:-1])
-    torch.testing.assert_close(lam, torch.linalg.eigh(A)[0], rtol=0, atol=1e-12)
-    torch.testing.assert_close(V.T @ V, torch.eye(K, dtype=F64), rtol=0, atol=1e-12)
-    torch.testing.assert_close(V @ torch.diag(lam) @ V.T, A, rtol=0, atol=1e-10)
-
-
 @pytest.mark.parametrize("K,kind", [(1, "full"), (2, "full"), (3, "zero_rows"), (8, "low_rank"),
                                     (8, "duplicates"), (17, "near_parallel"), (64, "full")])
 def test_projection_and_nash_match_torch(K, kind, gen):
@@ -264,7 +250,6 @@ def test_kernels_are_sync_free_and_graph_capturable(gen):
     order = torch.rand(K, K, device="cuda").argsort(1)
     run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
                    solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX),
-                   *solvers.jacobi_eigh(G, _linalg.JACOBI_SWEEPS),
                    solvers.pinv_weights(G, None, 1e-14, _linalg.JACOBI_SWEEPS),
                    solvers.aligned_weights(G, U[0], 1e-14, 1, _linalg.JACOBI_SWEEPS),
                    solvers.pcgrad_coefficients(G, order),

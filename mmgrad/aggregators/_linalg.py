@@ -6,18 +6,13 @@ on torch 2.11/H100). The ``*_ex`` variants do not. This module therefore uses
 
 * :func:`solve`: ``torch.linalg.solve_ex`` (no error check; callers regularise so the systems are
   non-singular);
-* :func:`sym_eig`: LAPACK ``eigh`` on the CPU, and on other devices a cyclic Jacobi eigensolver
-  with a fixed number of sweeps: one Triton kernel where the Triton backend serves the matrix,
-  :func:`jacobi_eigh` (torch ops) otherwise.
+* :func:`sym_eig`: LAPACK ``eigh`` on the CPU, and on other devices a vectorised cyclic Jacobi
+  eigensolver (:func:`jacobi_eigh`) with a fixed number of sweeps.
 """
 
 from __future__ import annotations
 
 import torch
-
-from mmgrad._custom_op import plain_eager
-
-from .base import use_triton_solver
 
 #: Sweeps of the parallel cyclic Jacobi method. Jacobi converges quadratically once the
 #: off-diagonal mass is small; with 10 sweeps the eigenvalues match LAPACK to 1e-12 and
@@ -93,16 +88,11 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Ten
 
 
 def sym_eig(A: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-    """``eigh`` that never synchronises (``method`` = ``"auto"`` | ``"lapack"`` | ``"jacobi"``).
-    ``"auto"``: in plain eager mode the one-launch Triton Jacobi kernel where the Triton backend
-    serves ``A`` (:func:`mmgrad.triton.solvers.jacobi_eigh`; not a custom op, so a
-    ``torch.compile`` trace takes the torch ops), else LAPACK on the CPU and :func:`jacobi_eigh`
-    (torch ops) elsewhere."""
+    """``eigh`` that never synchronises: LAPACK on the CPU, :func:`jacobi_eigh` elsewhere
+    (``method`` = ``"auto"`` | ``"lapack"`` | ``"jacobi"``). (Where the Triton backend serves G,
+    the methods that use it run whole in one kernel instead: ``base.use_triton_weights``.)"""
     if method not in ("auto", "lapack", "jacobi"):
         raise ValueError(f"unknown eigen method {method!r}")
-    if method == "auto" and plain_eager((A,)) and use_triton_solver(A):
-        from mmgrad.triton import solvers
-        return solvers.jacobi_eigh(A, JACOBI_SWEEPS)
     if method == "lapack" or (method == "auto" and A.device.type == "cpu"):
         return torch.linalg.eigh(A)
     return jacobi_eigh(A)

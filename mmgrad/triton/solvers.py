@@ -1,5 +1,7 @@
-"""Triton kernels of the aggregators' small QP solvers: the dual-cone projection (UPGrad, DualProj),
-the min-norm point of the simplex (MGDA) and the CAGrad dual.
+"""Triton kernels of the aggregators' K x K solvers: the dual-cone projection (UPGrad, DualProj),
+the min-norm point of the simplex (MGDA), the CAGrad dual, PCGrad's and GradVac's coefficient loops,
+Nash-MTL's Newton solve, the whole weights of IMTL-G, ConFIG and Aligned-MTL (Jacobi eigensolver
+included), and the trace normalisation in front of the others.
 
 The torch solvers of :mod:`mmgrad.aggregators._qp` are sync-free but launch some twenty kernels per
 active-set iteration (a batched LU solve among them), hundreds per call: on an H100 that made
@@ -294,28 +296,6 @@ def _jacobi(A, rows, cols, eye, K, sweeps, KP: tl.constexpr):
 
 
 @triton.jit
-def _jacobi_eigh_kernel(A_ptr, lam_ptr, V_ptr, K, sweeps, KP: tl.constexpr):
-    """``_linalg.jacobi_eigh`` (:func:`_jacobi`): ascending eigenvalues and the matching
-    eigenvector columns of a symmetric (K, K) A."""
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    eye = rows[:, None] == cols[None, :]
-    A, V = _jacobi(_tile(A_ptr, rows, cols, K, 0.0), rows, cols, eye, K, sweeps, KP)
-    lam = tl.sum(tl.where(eye, A, 0.0), axis=0)
-    lam_r = tl.sum(tl.where(eye, A, 0.0), axis=1)
-    valid = cols < K
-    # ascending order, ties by index: rank[j] = #{i valid: lam_i < lam_j or (== and i < j)}
-    before = ((lam_r[:, None] < lam[None, :]) | ((lam_r[:, None] == lam[None, :])
-                                                   & (rows[:, None] < cols[None, :])))
-    rank = tl.sum(tl.where(before & (rows < K)[:, None], 1, 0), axis=0)
-    moves = (rank[None, :] == cols[:, None]) & valid[None, :]  # (new position, old column)
-    lam_sorted = tl.sum(tl.where(moves, lam[None, :], 0.0), axis=1)
-    V_sorted = tl.dot(V, tl.where(tl.trans(moves), 1.0, 0.0).to(tl.float64))
-    tl.store(lam_ptr + rows, lam_sorted, mask=rows < K)
-    _store_tile(V_ptr, V_sorted, rows, cols, K)
-
-
-@triton.jit
 def _trace_normalized_tile(G_ptr, stride0, stride1, rows, cols, eye, K, eps):
     """A (K, K) G of any float dtype and strides in float64 over its trace (zero when the trace
     is <= eps or not finite), as a tile: ``base.normalize_trace``."""
@@ -518,6 +498,11 @@ def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
 
+def _eig_padded(K: int) -> int:
+    """The tile of the kernels that multiply tiles: tl.dot takes 16 and more."""
+    return max(16, _padded(K))
+
+
 def _num_warps(KP: int) -> int:
     """Few warps (fewer cross-warp reductions), enough that the tiles fit in registers: ptxas for
     sm_90 gives 72-96 registers at KP <= 8, 128-168 at 16, 186-242 at 32 and 255 plus a small
@@ -582,17 +567,6 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int, r
     return out
 
 
-def jacobi_eigh(A: torch.Tensor, sweeps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_linalg.jacobi_eigh`` in one program: ascending eigenvalues and orthonormal eigenvector
-    columns of a symmetric float64 (K, K) ``A``, K <= MAX_K."""
-    K = A.shape[0]
-    lam = A.new_empty(K)
-    V = A.new_empty(K, K)
-    KP = _eig_padded(K)
-    _jacobi_eigh_kernel[(1,)](A.contiguous(), lam, V, K, sweeps, KP=KP, num_warps=_num_warps(KP))
-    return lam, V
-
-
 def nash_newton(G: torch.Tensor, alpha0: torch.Tensor, iters: int) -> torch.Tensor:
     """``nash.nash_newton_torch`` in one program: float64 ``G`` (K, K), ``alpha0`` (K,),
     K <= MAX_K."""
@@ -609,7 +583,7 @@ def pcgrad_coefficients(G: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     visiting orders ``order`` (K, K) of a float64 ``G``, K <= MAX_K."""
     K = G.shape[0]
     C = G.new_empty(K, K)
-    KP = max(16, _padded(K))  # tl.dot takes tiles of 16 and more
+    KP = _eig_padded(K)
     _pcgrad_kernel[(1,)](G.contiguous(), order.contiguous(), C, K, KP=KP,
                          num_warps=_num_warps(KP))
     return C
@@ -621,15 +595,11 @@ def gradvac_coefficients(G: torch.Tensor, order: torch.Tensor, phi_t: torch.Tens
     K = G.shape[0]
     C = G.new_empty(K, K)
     phi_out = G.new_empty(K, K)
-    KP = max(16, _padded(K))
+    KP = _eig_padded(K)
     _gradvac_kernel[(1,)](G.contiguous(), order.contiguous(), phi_t.to(G.dtype).contiguous(), C,
                           phi_out, K, BETA=float(beta), EPS=float(eps), KP=KP,
                           num_warps=_num_warps(KP))
     return C, phi_out
-
-
-def _eig_padded(K: int) -> int:
-    return max(16, _padded(K))  # tl.dot takes tiles of 16 and more
 
 
 def pinv_weights(G: torch.Tensor, pref: Optional[torch.Tensor], rtol: float,
