@@ -80,16 +80,16 @@ def _solve_face(A, b, c, rows, cols, KP: tl.constexpr):
 
 
 @triton.jit
-def _exchange(infeasible, cols, best, tries, BACKUP: tl.constexpr):
-    """One step of the block pivoting rule of ``_qp._exchange`` for one problem: the exchange mask
-    and the new (best, tries, number of infeasible coordinates)."""
+def _exchange(tight, infeasible, cols, best, tries, BACKUP: tl.constexpr):
+    """One step of the block pivoting rule of ``_qp._exchange`` for one problem: ``tight`` with the
+    exchanged coordinates flipped, the new (best, tries), and the number of infeasible ones."""
     n = tl.sum(infeasible.to(tl.int32), axis=0)
     better = n < best
     full = better | (tries > 0)
     last = tl.max(tl.where(infeasible, cols + 1, 0), axis=0)
     mask = infeasible & (full | (cols + 1 == last))
     tries = tl.where(better, BACKUP, tries - 1)
-    return mask, tl.minimum(n, best), tries, n
+    return tight ^ mask, tl.minimum(n, best), tries, n
 
 
 @triton.jit
@@ -100,6 +100,16 @@ def _nan_if_not_finite(x, G, iters):
     finite = tl.abs(G) < float("inf")  # false for inf and NaN
     bad = tl.sum(tl.sum(tl.where(finite, 0, 1), axis=1), axis=0) > 0
     return tl.where(bad & (iters > 0), float("nan"), x)
+
+
+@triton.jit
+def _square(G_ptr, K, KP: tl.constexpr):
+    """Row and column indices of the (KP, KP) tile, the valid columns, the (K, K) G at ``G_ptr``
+    as a tile (zero outside), the identity mask."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    G = _tile(G_ptr, rows, cols, K, 0.0)
+    return rows, cols, cols < K, G, rows[:, None] == cols[None, :]
 
 
 @triton.jit
@@ -138,25 +148,17 @@ def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL:
     constraint tight; multipliers ``(G^T v)``."""
     b = tl.program_id(0).to(tl.int64)
     ridge, tol = _f64(RIDGE), _f64(TOL)
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    valid = cols < K
-    G = _tile(G_ptr, rows, cols, K, 0.0)
-    eye = rows[:, None] == cols[None, :]
+    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
     u = tl.load(U_ptr + b * K + cols, mask=valid, other=0.0)
     v = u
     tight = cols >= 0
-    best = K + 1
-    tries = BACKUP
-    it = 0
-    go = K > 0
+    best, tries, it, go = K + 1, BACKUP, 0, K > 0  # exchange state, iteration, not converged
     while go & (it < iters):
         mu = tl.sum(v[:, None] * G, axis=0)
         infeasible = tl.where(tight, mu < -tol, v < u - tol) & valid
-        mask, best, tries, n = _exchange(infeasible, cols, best, tries, BACKUP)
+        tight, best, tries, n = _exchange(tight, infeasible, cols, best, tries, BACKUP)
         go = n > 0
         if go:
-            tight = tight ^ mask
             free = (tight == 0) & valid
             ua = tl.where(free, 0.0, u)
             rhs = tl.where(free, -tl.sum(ua[:, None] * G, axis=0), ua)
@@ -173,18 +175,11 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.cons
     """``min_norm_simplex``: ``argmin_{a in simplex} a^T G a``, started with every coordinate
     free; on a face ``a_F = p / sum(p)`` with ``G_FF p = 1``, multipliers ``G a - 1 / sum(p)``."""
     ridge, tol = _f64(RIDGE), _f64(TOL)
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    valid = cols < K
-    G = _tile(G_ptr, rows, cols, K, 0.0)
-    eye = rows[:, None] == cols[None, :]
+    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
     uniform = tl.where(valid, 1.0 / (K * _f64(1.0)), 0.0)  # K may be a constexpr 1
     a = uniform
     tight = cols >= K
-    best = K + 1
-    tries = BACKUP
-    it = 0
-    go = K > 0
+    best, tries, it, go = K + 1, BACKUP, 0, K > 0  # exchange state, iteration, not converged
     while go & (it < iters):
         free = (tight == 0) & valid
         ones = free.to(tl.float64)
@@ -196,8 +191,7 @@ def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.cons
         if go:
             mu = tl.sum(G * a[None, :], axis=1) - 1.0 / s
             infeasible = tl.where(tight, mu < -tol, a < -tol) & valid
-            mask, best, tries, n = _exchange(infeasible, cols, best, tries, BACKUP)
-            tight = tight ^ mask
+            tight, best, tries, n = _exchange(tight, infeasible, cols, best, tries, BACKUP)
             go = n > 0
         it += 1
     tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(a, uniform), G, iters), mask=valid)
@@ -211,20 +205,13 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
     ((A1 / A2) p - q)``, kappa capped at ``kappa_max`` where it is not real; multipliers
     ``b + G w / kappa - nu`` (see ``cagrad.cagrad_dual_torch``)."""
     ridge, tol, kappa_max = _f64(RIDGE), _f64(TOL), _f64(KAPPA_MAX)
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    valid = cols < K
-    G = _tile(G_ptr, rows, cols, K, 0.0)
-    eye = rows[:, None] == cols[None, :]
+    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
     bvec = tl.load(b_ptr + cols, mask=valid, other=0.0)
     s = tl.load(s_ptr)
     uniform = tl.where(valid, 1.0 / (K * _f64(1.0)), 0.0)  # K may be a constexpr 1
     w = uniform
     tight = cols >= K
-    best = K + 1
-    tries = BACKUP
-    it = 0
-    go = K > 0
+    best, tries, it, go = K + 1, BACKUP, 0, K > 0  # exchange state, iteration, not converged
     while go & (it < iters):
         free = (tight == 0) & valid
         ones = free.to(tl.float64)
@@ -243,8 +230,7 @@ def _cagrad_kernel(G_ptr, b_ptr, s_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, 
             nu = (1.0 / kappa + A1) / A2
             mu = bvec + tl.sum(G * w[None, :], axis=1) / kappa - nu
             infeasible = tl.where(tight, mu < -tol, w < -tol) & valid
-            mask, best, tries, n = _exchange(infeasible, cols, best, tries, BACKUP)
-            tight = tight ^ mask
+            tight, best, tries, n = _exchange(tight, infeasible, cols, best, tries, BACKUP)
             go = n > 0
         it += 1
     tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(w, uniform), G, iters), mask=valid)
@@ -388,11 +374,7 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
     """``nash_newton``: damped Newton on ``a^T G a / 2 - sum log a`` from ``a0``, as
     ``nash.nash_newton_torch``; stops once an iteration leaves ``a`` unchanged bit for bit (as
     the C++ solver). Padding coordinates have gradient 0 and Hessian 1, so they stay put."""
-    rows = tl.arange(0, KP)
-    cols = tl.arange(0, KP)
-    valid = cols < K
-    G = _tile(G_ptr, rows, cols, K, 0.0)
-    eye = rows[:, None] == cols[None, :]
+    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
     a = tl.load(a0_ptr + cols, mask=valid, other=1.0)
     it = 0
     go = K > 0
