@@ -487,8 +487,8 @@ def _eig_padded(K: int) -> int:
 
 def _num_warps(KP: int) -> int:
     """Few warps (fewer cross-warp reductions), enough that the tiles fit in registers: ptxas for
-    sm_90 gives 72-96 registers at KP <= 8, 128-168 at 16, 186-242 at 32 and 255 plus a small
-    spill stack (0.1-1.3 KB) at 64; ``python tests/test_triton_compile.py`` prints them."""
+    sm_90 gives at most 96 registers at KP <= 8, 168 at 16, 242 at 32, and 255 plus a spill stack
+    of 0.1-1.6 KB at 64; ``python tests/test_triton_compile.py 90`` prints them."""
     return {2: 1, 4: 1, 8: 1, 16: 2, 32: 4}.get(KP, 8)
 
 
