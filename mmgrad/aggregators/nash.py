@@ -9,7 +9,8 @@ import torch
 from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
-from .base import Aggregator, check_gram, to_solve, use_cpp_solver, use_triton_solver
+from .base import (Aggregator, check_gram, to_solve, use_cpp_solver, use_triton_solver,
+                   use_triton_weights)
 
 #: Ridge added to the Frobenius-normalised Gramian so that the barrier problem has a minimiser
 #: even when a positive combination of the gradients vanishes (torchjd's ECOS path fails there).
@@ -72,6 +73,9 @@ class NashMTL(Aggregator):
     stops at ``|G a - 1/a| < 1e-3``; here the exact barrier minimiser is found (plus the
     ``NASH_RIDGE`` ridge, which keeps zero and cancelling rows finite).
 
+    Where the Triton backend serves ``G`` the solving calls are one kernel each (normalisation,
+    start, Newton, rescale, max-norm).
+
     State (``state_dict``): ``alpha`` (the last solution) and ``step`` (call counter).
     """
 
@@ -108,15 +112,22 @@ class NashMTL(Aggregator):
         K = G.shape[0]
         if self.n_tasks is not None and self.n_tasks != K:
             raise ValueError(f"n_tasks={self.n_tasks} but G is {K} x {K}")
+        prev = self.alpha
+        if prev is not None and (prev.shape[0] != K or prev.device != G.device):
+            prev = None
+        if self.step % self.update_weights_every == 0 and use_triton_weights(G, "auto"):
+            from mmgrad.triton import solvers  # the whole solve in one kernel
+            self.alpha, w = solvers.nash_weights(
+                G, None if prev is None else prev.to(torch.float64), self.optim_niter, NASH_RIDGE,
+                self.max_norm)
+            self.step += 1
+            return w.to(G.dtype)
         Gs = to_solve(G)
         nf = torch.linalg.matrix_norm(Gs)
         ok = (nf > 0) & torch.isfinite(nf)
         nf = torch.where(ok, nf, torch.ones_like(nf))
         Gn = torch.where(ok, Gs / nf, torch.zeros_like(Gs))
         root = nf.sqrt()
-        prev = self.alpha
-        if prev is not None and (prev.shape[0] != K or prev.device != Gs.device):
-            prev = None
         if self.step % self.update_weights_every == 0:
             Gr = Gn + NASH_RIDGE * torch.eye(K, dtype=Gs.dtype, device=Gs.device)
             if prev is None:

@@ -1,7 +1,7 @@
 """Triton kernels of the aggregators' K x K solvers: the dual-cone projection (UPGrad, DualProj),
 the min-norm point of the simplex (MGDA), the CAGrad dual, PCGrad's and GradVac's coefficient loops,
-Nash-MTL's Newton solve, the whole weights of IMTL-G, ConFIG and Aligned-MTL (Jacobi eigensolver
-included), and the trace normalisation in front of the others.
+the whole solve of Nash-MTL (damped Newton) and of IMTL-G, ConFIG and Aligned-MTL (Jacobi
+eigensolver), and the trace normalisation in front of the others.
 
 The torch solvers of :mod:`mmgrad.aggregators._qp` are sync-free but launch some twenty kernels per
 active-set iteration (a batched LU solve among them), hundreds per call: on an H100 that made
@@ -370,12 +370,10 @@ def _aligned_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, K, sweeps,
 
 
 @triton.jit
-def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
-    """``nash_newton``: damped Newton on ``a^T G a / 2 - sum log a`` from ``a0``, as
-    ``nash.nash_newton_torch``; stops once an iteration leaves ``a`` unchanged bit for bit (as
-    the C++ solver). Padding coordinates have gradient 0 and Hessian 1, so they stay put."""
-    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
-    a = tl.load(a0_ptr + cols, mask=valid, other=1.0)
+def _nash_newton_loop(G, a, valid, eye, iters, rows, cols, K, KP: tl.constexpr):
+    """Damped Newton on ``a^T G a / 2 - sum log a`` from ``a``, as ``nash.nash_newton_torch``;
+    stops once an iteration leaves ``a`` unchanged bit for bit (as the C++ solver). Padding
+    coordinates (G zero there) have gradient 0 and Hessian 1, so they stay put."""
     it = 0
     go = K > 0
     while go & (it < iters):
@@ -391,7 +389,56 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
         go = tl.sum(tl.where(new != a, 1, 0), axis=0) > 0
         a = new
         it += 1
+    return a
+
+
+@triton.jit
+def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
+    """``nash_newton`` (:func:`_nash_newton_loop`) from ``a0``."""
+    rows, cols, valid, G, eye = _square(G_ptr, K, KP)
+    a = tl.load(a0_ptr + cols, mask=valid, other=1.0)
+    a = _nash_newton_loop(G, a, valid, eye, iters, rows, cols, K, KP)
     tl.store(out_ptr + cols, a, mask=valid)
+
+
+@triton.jit
+def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, K, iters,
+                         HAS_PREV: tl.constexpr, RIDGE: tl.constexpr, MAX_NORM: tl.constexpr,
+                         KP: tl.constexpr):
+    """The solve of ``nash.NashMTL.weights`` whole: G (any float dtype and strides) over its
+    Frobenius norm plus RIDGE I, the start (the previous solution rescaled, or the cold start
+    ``1 / sqrt(diag)`` scaled to ``a^T G a = K``), :func:`_nash_newton_loop`, the solution back
+    on G's scale (written to ``alpha_ptr``: the warm start of the next call) and, with
+    MAX_NORM > 0, scaled down to ``|J^T a| = MAX_NORM`` (written to ``out_ptr``)."""
+    rows = tl.arange(0, KP)
+    cols = tl.arange(0, KP)
+    eye = rows[:, None] == cols[None, :]
+    valid = cols < K
+    inside = (rows < K)[:, None] & valid[None, :]
+    Gs = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
+                 other=0.0).to(tl.float64)
+    nf = tl.sqrt(tl.sum(tl.sum(Gs * Gs, axis=1), axis=0))
+    ok = (nf > 0) & (nf < float("inf"))
+    nf = tl.where(ok, nf, 1.0)
+    Gr = tl.where(ok, Gs / nf, 0.0) + tl.where(eye & inside, _f64(RIDGE), 0.0)
+    root = tl.sqrt(nf)
+    if HAS_PREV:
+        a = tl.load(prev_ptr + cols, mask=valid, other=1.0) * root
+        floor = _f64(1e-30)
+        a = tl.where(valid, tl.where(a < floor, floor, a), 1.0)  # clamp(min=1e-30)
+    else:
+        d = tl.sum(tl.where(eye, Gr, 0.0), axis=0)
+        a = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, d, 1.0)), 0.0)
+        quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
+        a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
+    alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
+    tl.store(alpha_ptr + cols, alpha, mask=valid)
+    if MAX_NORM > 0:
+        norm = tl.sum(alpha * tl.sum(Gs * alpha[None, :], axis=1), axis=0)
+        norm = tl.sqrt(tl.where(norm > 0, norm, 0.0))
+        big = norm > _f64(MAX_NORM)
+        alpha = tl.where(big, alpha * (_f64(MAX_NORM) / tl.where(big, norm, 1.0)), alpha)
+    tl.store(out_ptr + cols, alpha, mask=valid)
 
 
 @triton.jit
@@ -609,3 +656,18 @@ def aligned_weights(G: torch.Tensor, pref: torch.Tensor, tol: float, mode: int,
     _aligned_kernel[(1,)](G, G.stride(0), G.stride(1), pref.contiguous(), out, K, sweeps,
                           TOL=float(tol), MODE=mode, KP=KP, num_warps=_num_warps(KP))
     return out
+
+
+def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridge: float,
+                 max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nash-MTL's solve and weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
+    ``(alpha, weights)`` in float64, ``alpha`` the solution on G's scale (the next warm start),
+    ``prev`` the previous one (float64) or None for the cold start."""
+    K = G.shape[0]
+    alpha = torch.empty(K, dtype=torch.float64, device=G.device)
+    out = torch.empty_like(alpha)
+    KP = _padded(K)
+    _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev,
+                               alpha, out, K, iters, HAS_PREV=prev is not None, RIDGE=float(ridge),
+                               MAX_NORM=float(max_norm), KP=KP, num_warps=_num_warps(KP))
+    return alpha, out
