@@ -90,7 +90,7 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Ten
 def sym_eig(A: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``eigh`` that never synchronises: LAPACK on the CPU, :func:`jacobi_eigh` elsewhere
     (``method`` = ``"auto"`` | ``"lapack"`` | ``"jacobi"``). (Where the Triton backend serves G,
-    the methods that use it run whole in one kernel instead: ``base.use_triton_weights``.)"""
+    the methods that use it run whole in one kernel instead: ``base.use_triton_eager``.)"""
     if method not in ("auto", "lapack", "jacobi"):
         raise ValueError(f"unknown eigen method {method!r}")
     if method == "lapack" or (method == "auto" and A.device.type == "cpu"):

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import JACOBI_SWEEPS, sym_eig
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_weights
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_eager
 
 
 class AlignedMTL(_PrefMixin, Aggregator):
@@ -38,7 +38,7 @@ class AlignedMTL(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        if use_triton_weights(G, self.eig):  # the whole method in one kernel
+        if self.eig == "auto" and use_triton_eager(G):  # the whole method in one kernel
             from mmgrad.triton import solvers
             pref = self._pref_for(K, G, dtype=torch.float64)
             mode = ("min", "median", "rmse").index(self.scale_mode)

@@ -56,34 +56,36 @@ def use_cpp_solver(*tensors: torch.Tensor) -> bool:
     return all(t.dtype == torch.float64 and t.device.type == "cpu" for t in tensors) and _cpp_serves(tensors[0])
 
 
-def _triton_serves(G: torch.Tensor) -> bool:
-    """Whether the Triton backend is the one selected for ``G``'s device (CUDA tensors by default;
-    CPU tensors under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton``) and K <= the solver
-    kernels' ``MAX_K``. Checked before importing the kernels, which need triton."""
-    if G.device.type == "cpu" and not _interpreting():
+def triton_selected(t: torch.Tensor) -> bool:
+    """Whether the Triton backend is the one selected for ``t``'s device: CUDA tensors by default,
+    CPU tensors only under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton`` (the tests)."""
+    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    if ops.resolve_backend(G.device) != "triton":
+    return ops.resolve_backend(t.device) == "triton"
+
+
+def _triton_serves(G: torch.Tensor) -> bool:
+    """:func:`triton_selected` and K <= the solver kernels' ``MAX_K`` (checked before importing
+    the kernels, which need triton)."""
+    if not triton_selected(G):
         return False
     from mmgrad.triton import solvers
     return 1 <= G.shape[-1] <= solvers.MAX_K
 
 
 def use_triton_solver(G: torch.Tensor) -> bool:
-    """Whether a solver's Triton kernel (:mod:`mmgrad.triton.solvers`) serves ``G``: float64 (what
-    ``to_solve`` gives on CUDA) and :func:`_triton_serves`."""
+    """Whether a solver's Triton kernel (:mod:`mmgrad.triton.solvers`) serves ``G`` inside its
+    custom op: float64 (what ``to_solve`` gives on CUDA) and :func:`_triton_serves`."""
     return G.dtype == torch.float64 and _triton_serves(G)
 
 
-def use_triton_weights(G: torch.Tensor, eig: str) -> bool:
-    """Whether an eigen-based method (IMTL-G, Aligned-MTL, ConFIG) computes its whole
-    ``weights(G)`` in one Triton kernel (:mod:`mmgrad.triton.solvers`): plain eager mode (the
-    kernels are not custom ops), ``eig="auto"``, float64 solves and :func:`_triton_serves`."""
-    return (eig == "auto" and plain_eager((G,)) and G.is_floating_point()
+def use_triton_eager(G: torch.Tensor) -> bool:
+    """Whether an eager-only Triton kernel of :mod:`mmgrad.triton.solvers` (one that is not a
+    custom op: the trace normalisation, the whole solve of Nash-MTL, IMTL-G, Aligned-MTL and
+    ConFIG) serves ``G`` (any float dtype): plain eager mode, float64 solves on its device and
+    :func:`_triton_serves`. Under ``torch.compile`` the torch code runs instead."""
+    return (plain_eager((G,)) and G.is_floating_point()
             and solve_dtype(G.device) == torch.float64 and _triton_serves(G))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def normalize_trace(G: torch.Tensor, eps: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,12 +106,11 @@ def normalized(G: torch.Tensor, eps: float = 0.0, reg: float = 0.0) -> torch.Ten
     tensors served by the C++ backend ``csrc/cpu/trace_normalized.cpp`` (the six to eight small
     torch ops cost more than most K x K solves), where the Triton backend serves ``G`` (float64
     solves) one Triton kernel (the torch ops would be as many launches); the torch ops otherwise."""
-    if plain_eager((G,)):
-        if _cpp_serves(G):
-            return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
-        if solve_dtype(G.device) == torch.float64 and G.is_floating_point() and _triton_serves(G):
-            from mmgrad.triton import solvers
-            return solvers.trace_normalized(G, eps, reg)
+    if plain_eager((G,)) and _cpp_serves(G):
+        return torch.ops.mmgrad_C.trace_normalized(G, eps, reg)
+    if use_triton_eager(G):
+        from mmgrad.triton import solvers
+        return solvers.trace_normalized(G, eps, reg)
     Gn, _ = normalize_trace(to_solve(G), eps)
     if reg:
         Gn = Gn + reg * torch.eye(G.shape[0], dtype=Gn.dtype, device=Gn.device)

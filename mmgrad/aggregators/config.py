@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_weights
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_eager
 
 
 class ConFIG(_PrefMixin, Aggregator):
@@ -41,7 +41,7 @@ class ConFIG(_PrefMixin, Aggregator):
         K = G.shape[0]
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
         rtol = max(rtol, 1e-7)
-        if use_triton_weights(G, self.eig):  # the whole method in one kernel
+        if self.eig == "auto" and use_triton_eager(G):  # the whole method in one kernel
             from mmgrad.triton import solvers
             pref = self._pref_for(K, G, default=1.0, dtype=torch.float64)
             return solvers.pinv_weights(G, pref, rtol * rtol, JACOBI_SWEEPS).to(G.dtype)

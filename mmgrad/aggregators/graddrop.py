@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -11,7 +10,7 @@ from mmgrad import ops
 from mmgrad._custom_op import custom_op
 from mmgrad.reference import accumulation_dtype
 
-from .base import Aggregator, SeededMixin, _advance, check_matrix
+from .base import Aggregator, SeededMixin, _advance, check_matrix, triton_selected
 
 #: Elements of J (K x columns) per block by default on CPU: the block and its one scratch buffer
 #: stay in cache across the block's passes, so J is read from memory once.
@@ -74,10 +73,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _fused_triton(J: torch.Tensor) -> bool:
     """Whether the Triton GradDrop kernel serves ``J``: the Triton backend selected for its device
-    (CUDA by default; CPU under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton``), K <= 64."""
-    if J.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    if J.dtype not in _FUSED_DTYPES or ops.resolve_backend(J.device) != "triton":
+    (:func:`triton_selected`), K <= 64."""
+    if J.dtype not in _FUSED_DTYPES or not triton_selected(J):
         return False
     from mmgrad.triton import graddrop as triton_graddrop
     return triton_graddrop.serves(J)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, check_gram, normalized, use_triton_weights
+from .base import Aggregator, check_gram, normalized, use_triton_eager
 
 
 class IMTLG(Aggregator):
@@ -30,7 +30,7 @@ class IMTLG(Aggregator):
         check_gram(G)
         K = G.shape[0]
         rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
-        if use_triton_weights(G, self.eig):
+        if self.eig == "auto" and use_triton_eager(G):
             from mmgrad.triton import solvers
             return solvers.pinv_weights(G, None, rtol, JACOBI_SWEEPS).to(G.dtype)
         Gn = normalized(G)

@@ -10,7 +10,7 @@ from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from .base import (Aggregator, check_gram, to_solve, use_cpp_solver, use_triton_solver,
-                   use_triton_weights)
+                   use_triton_eager)
 
 #: Ridge added to the Frobenius-normalised Gramian so that the barrier problem has a minimiser
 #: even when a positive combination of the gradients vanishes (torchjd's ECOS path fails there).
@@ -115,7 +115,7 @@ class NashMTL(Aggregator):
         prev = self.alpha
         if prev is not None and (prev.shape[0] != K or prev.device != G.device):
             prev = None
-        if self.step % self.update_weights_every == 0 and use_triton_weights(G, "auto"):
+        if self.step % self.update_weights_every == 0 and use_triton_eager(G):
             from mmgrad.triton import solvers  # the whole solve in one kernel
             self.alpha, w = solvers.nash_weights(
                 G, None if prev is None else prev.to(torch.float64), self.optim_niter, NASH_RIDGE,

@@ -18,7 +18,7 @@ import triton.language as tl
 from mmgrad.reference import feature_drop_scale
 
 from .kernels import _tl_dtype, accumulation_dtype, cast_out
-from .segments import philox4x32
+from .segments import philox4x32, philox_key
 
 BR = 16  # rows per program
 BC = 256  # columns per program
@@ -31,9 +31,7 @@ def _feature_drop_kernel(z, out, keep, drop_prob, scale, seed, counter, N, ldz, 
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     cb = tl.program_id(1)
     rmask = rows < N
-    sv = tl.load(seed)
-    k0 = (sv & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = philox_key(seed)
     r0, _r1, _r2, _r3 = philox4x32(tl.load(counter) + rows * M + m, k0, k1)
     u = (r0 >> 8).to(tl.float64) * 5.9604644775390625e-08  # exact: 24 bits
     kp = u >= tl.load(drop_prob + m)

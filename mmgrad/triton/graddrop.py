@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .segments import philox4x32
+from .segments import packed_word, philox4x32, philox_key
 
 #: Largest K the kernel takes (one tile of all rows); larger K keep the torch path.
 MAX_K = 64
@@ -29,25 +29,15 @@ TILE = 4096
 
 
 @triton.jit
-def _packed_word(j, k0, k1):
-    """Word ``j % 4`` of the Philox block ``j // 4``, for every position of the int64 tensor j."""
-    r0, r1, r2, r3 = philox4x32((j >> 2) & 0x3FFFFFFFFFFFFFFF, k0, k1)  # j read as unsigned
-    w = j & 3
-    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
-
-
-@triton.jit
 def _uniforms(seed, counter, index, cols, cmask, HAS_INDEX: tl.constexpr, BLOCK: tl.constexpr):
     """The packed stream's uniforms (24 bits, float32) at ``counter + cols`` (or
     ``counter + index[cols]``). When the positions of the block are contiguous from a multiple
     of 4 (GradDrop's own stream always is: its draws advance it by multiples of 4), each Philox
     block gives four columns: a quarter of the Philox work."""
-    sv = tl.load(seed)
-    k0 = (sv & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = philox_key(seed)
     base = tl.load(counter)
     if HAS_INDEX:
-        r = _packed_word(base + tl.load(index + cols, mask=cmask, other=0), k0, k1)
+        r = packed_word(base + tl.load(index + cols, mask=cmask, other=0), k0, k1)
     else:
         if (base & 3) == 0:
             q = ((base + tl.program_id(0).to(tl.int64) * BLOCK) >> 2) + \
@@ -56,7 +46,7 @@ def _uniforms(seed, counter, index, cols, cmask, HAS_INDEX: tl.constexpr, BLOCK:
             # join(join(r0, r2), join(r1, r3))[i, a, b] = r_{2a+b}[i]: row-major r0 r1 r2 r3
             r = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (BLOCK,))
         else:
-            r = _packed_word(base + cols, k0, k1)
+            r = packed_word(base + cols, k0, k1)
     return (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24: exact, 24 bits
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .kernels import INTERPRET
-from .segments import philox4x32
+from .segments import packed_word, philox4x32, philox_key
 
 # Outputs per program. The interpreter pays per program, not per element: it gets big blocks.
 BLOCK = 1 << 16 if INTERPRET else 1024
@@ -27,18 +27,14 @@ def _philox_uniform_kernel(out, seed, counter, index, n, HAS_INDEX: tl.constexpr
                            PACKED: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
-    sv = tl.load(seed)
-    k0 = (sv & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    k0, k1 = philox_key(seed)
     if HAS_INDEX:
         pos = tl.load(index + offs, mask=mask, other=0)
     else:
         pos = offs
     j = tl.load(counter) + pos
     if PACKED:
-        r0, r1, r2, r3 = philox4x32((j >> 2) & 0x3FFFFFFFFFFFFFFF, k0, k1)  # j read as unsigned
-        w = j & 3
-        r = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+        r = packed_word(j, k0, k1)
     else:
         r, _r1, _r2, _r3 = philox4x32(j, k0, k1)
     u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24; exact, 24 bits

@@ -137,6 +137,23 @@ def _box_muller(ru, rv, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def philox_key(seed):
+    """The Philox key (k0, k1) of the int64 seed at ``seed``, read on the device: no host sync,
+    and a captured CUDA graph sees a new seed written in place."""
+    sv = tl.load(seed)
+    return (sv & 0xFFFFFFFF).to(tl.uint32), ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
+
+
+@triton.jit
+def packed_word(j, k0, k1):
+    """The packed stream's word at each position of the int64 tensor ``j``: word ``j % 4`` of the
+    Philox block at counter ``j // 4`` (``j`` read as unsigned), as mmgrad.reference."""
+    r0, r1, r2, r3 = philox4x32((j >> 2) & 0x3FFFFFFFFFFFFFFF, k0, k1)
+    w = j & 3
+    return tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+
+
+@triton.jit
 def philox4x32(counter, k0, k1):
     """Philox4x32-10 on the counters (lo32(counter), hi32(counter), 0, 0) of the int64 tensor
     ``counter``, key (k0, k1) (uint32): the four output words, as mmgrad.reference.philox4x32.
@@ -262,9 +279,7 @@ def _scale_kernel(x, tile_end, offsets, numels, scale, noise_std, seed, S, nstep
     sc = tl.load(scale + s).to(ACC)
     if HAS_NOISE:
         sd = tl.load(noise_std + s).to(ACC)
-        sv = tl.load(seed)  # on the device: no host sync, and a captured graph sees new seeds
-        k0 = (sv & 0xFFFFFFFF).to(tl.uint32)
-        k1 = ((sv >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        k0, k1 = philox_key(seed)
     else:
         sd = sc
         k0 = tl.full([], 0, tl.uint32)
