@@ -44,8 +44,8 @@ def kernels():
             "KP": "constexpr"}
     nash_weights = {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "prev_ptr": "*fp64",
                     "alpha_ptr": "*fp64", "out_ptr": "*fp64", "K": "i32", "iters": "i32",
-                    "HAS_PREV": "constexpr", "RIDGE": "constexpr", "MAX_NORM": "constexpr",
-                    "KP": "constexpr"}
+                    "HAS_PREV": "constexpr", "SOLVE": "constexpr", "RIDGE": "constexpr",
+                    "MAX_NORM": "constexpr", "KP": "constexpr"}
     pcgrad = {"G_ptr": "*fp64", "order_ptr": "*i64", "out_ptr": "*fp64", "K": "i32",
               "KP": "constexpr"}
     gradvac = {"G_ptr": "*fp64", "order_ptr": "*i64", "phi_ptr": "*fp64", "C_ptr": "*fp64",
@@ -71,9 +71,10 @@ def kernels():
             out.append((name, fn, sig, constants, S._num_warps(KP)))
         out.append(("nash_newton", S._nash_kernel, nash, {"KP": KP}, S._num_warps(KP)))
         for has_prev in (False, True):
-            out.append((f"nash_weights[prev={has_prev}]", S._nash_weights_kernel, nash_weights,
-                        {"HAS_PREV": has_prev, "RIDGE": 1e-8, "MAX_NORM": 1.0, "KP": KP},
-                        S._num_warps(KP)))
+            for solve in (False, True):
+                out.append((f"nash_weights[prev={has_prev},solve={solve}]", S._nash_weights_kernel,
+                            nash_weights, {"HAS_PREV": has_prev, "SOLVE": solve, "RIDGE": 1e-8,
+                                           "MAX_NORM": 1.0, "KP": KP}, S._num_warps(KP)))
         out.append(("trace_normalized", S._trace_normalized_kernel, normalized,
                     {"EPS": 0.0, "REG": 1e-4, "KP": KP}, S._num_warps(KP)))
         if KP >= 16:  # tl.dot tiles

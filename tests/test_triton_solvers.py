@@ -210,9 +210,11 @@ def test_eigen_methods_in_one_kernel_match_torch(K, kind, gen):
 @pytest.mark.parametrize("K", [1, 2, 5, 17])
 def test_nash_mtl_solve_in_one_kernel_matches_torch(K, monkeypatch, gen):
     """Nash-MTL's solving calls in one kernel (Frobenius normalisation, cold or warm start, Newton,
-    rescale, max-norm) give the reference backend's weights and warm-start state, call after
-    call, for max_norm 0 / tiny / default and a solve every second call."""
-    for opts in ({"max_norm": 0.0}, {"max_norm": 1e-3}, {"update_weights_every": 2}):
+    rescale, max-norm) and the calls between two solves (max-norm only) give the reference
+    backend's weights and warm-start state, call after call, for max_norm 0 / tiny / default and
+    a solve every second or third call."""
+    for opts in ({"max_norm": 0.0}, {"max_norm": 1e-3}, {"update_weights_every": 2},
+                 {"update_weights_every": 3, "max_norm": 1e-3}):
         monkeypatch.setenv("MMGRAD_BACKEND", "reference")
         ref = mmgrad.aggregators.get("nash_mtl", **opts)
         Gs = [random_gram(K, "full", 10.0 ** e, gen).float() for e in (-3, 0, 2)]
@@ -222,6 +224,17 @@ def test_nash_mtl_solve_in_one_kernel_matches_torch(K, monkeypatch, gen):
         for G, w in zip(Gs, want):
             assert_rows_close(agg.weights(G.to(DEV)).cpu(), w, 1e-6)
         assert_rows_close(agg.alpha.cpu().float(), ref.alpha.float(), 1e-6)
+    # a call between two solves with no solution yet (a state saved so) starts from ones
+    G = random_gram(K, "full", 1e2, gen).float()
+    got = {}
+    for backend, dev in (("reference", "cpu"), ("triton", DEV)):
+        monkeypatch.setenv("MMGRAD_BACKEND", backend)
+        agg = mmgrad.aggregators.get("nash_mtl", update_weights_every=2)
+        agg.load_state_dict({"alpha": None, "step": 1})
+        got[backend] = (agg.weights(G.to(dev)).cpu(), agg.alpha.cpu())
+    assert_rows_close(got["triton"][0], got["reference"][0], 1e-6)
+    torch.testing.assert_close(got["triton"][1], torch.ones(K, dtype=F64))
+    torch.testing.assert_close(got["reference"][1], torch.ones(K, dtype=F64))
 
 
 def test_empty_batch():

@@ -73,8 +73,8 @@ class NashMTL(Aggregator):
     stops at ``|G a - 1/a| < 1e-3``; here the exact barrier minimiser is found (plus the
     ``NASH_RIDGE`` ridge, which keeps zero and cancelling rows finite).
 
-    Where the Triton backend serves ``G`` the solving calls are one kernel each (normalisation,
-    start, Newton, rescale, max-norm).
+    Where the Triton backend serves ``G`` every call is one kernel (solving calls: normalisation,
+    start, Newton, rescale, max-norm; the calls between two solves: the max-norm scaling).
 
     State (``state_dict``): ``alpha`` (the last solution) and ``step`` (call counter).
     """
@@ -115,11 +115,12 @@ class NashMTL(Aggregator):
         prev = self.alpha
         if prev is not None and (prev.shape[0] != K or prev.device != G.device):
             prev = None
-        if self.step % self.update_weights_every == 0 and use_triton_eager(G):
-            from mmgrad.triton import solvers  # the whole solve in one kernel
+        solving = self.step % self.update_weights_every == 0
+        if use_triton_eager(G):
+            from mmgrad.triton import solvers  # the whole call in one kernel
             self.alpha, w = solvers.nash_weights(
                 G, None if prev is None else prev.to(torch.float64), self.optim_niter, NASH_RIDGE,
-                self.max_norm)
+                self.max_norm, solve=solving)
             self.step += 1
             return w.to(G.dtype)
         Gs = to_solve(G)
@@ -128,7 +129,7 @@ class NashMTL(Aggregator):
         nf = torch.where(ok, nf, torch.ones_like(nf))
         Gn = torch.where(ok, Gs / nf, torch.zeros_like(Gs))
         root = nf.sqrt()
-        if self.step % self.update_weights_every == 0:
+        if solving:
             Gr = Gn + NASH_RIDGE * torch.eye(K, dtype=Gs.dtype, device=Gs.device)
             if prev is None:
                 d = Gr.diagonal()

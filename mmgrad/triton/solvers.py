@@ -403,13 +403,14 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
 
 @triton.jit
 def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, K, iters,
-                         HAS_PREV: tl.constexpr, RIDGE: tl.constexpr, MAX_NORM: tl.constexpr,
-                         KP: tl.constexpr):
-    """The solve of ``nash.NashMTL.weights`` whole: G (any float dtype and strides) over its
-    Frobenius norm plus RIDGE I, the start (the previous solution rescaled, or the cold start
-    ``1 / sqrt(diag)`` scaled to ``a^T G a = K``), :func:`_nash_newton_loop`, the solution back
-    on G's scale (written to ``alpha_ptr``: the warm start of the next call) and, with
-    MAX_NORM > 0, scaled down to ``|J^T a| = MAX_NORM`` (written to ``out_ptr``)."""
+                         HAS_PREV: tl.constexpr, SOLVE: tl.constexpr, RIDGE: tl.constexpr,
+                         MAX_NORM: tl.constexpr, KP: tl.constexpr):
+    """``nash.NashMTL.weights`` whole. SOLVE: G (any float dtype and strides) over its Frobenius
+    norm plus RIDGE I, the start (the previous solution rescaled, or the cold start
+    ``1 / sqrt(diag)`` scaled to ``a^T G a = K``), :func:`_nash_newton_loop`, the solution back on
+    G's scale (written to ``alpha_ptr``: the warm start of the next call). Without SOLVE (the calls
+    between two solves) the solution is the previous one, or ones before the first. Then, with
+    MAX_NORM > 0, it is scaled down to ``|J^T a| = MAX_NORM`` (written to ``out_ptr``)."""
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     eye = rows[:, None] == cols[None, :]
@@ -417,21 +418,26 @@ def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, 
     inside = (rows < K)[:, None] & valid[None, :]
     Gs = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
                  other=0.0).to(tl.float64)
-    nf = tl.sqrt(tl.sum(tl.sum(Gs * Gs, axis=1), axis=0))
-    ok = (nf > 0) & (nf < float("inf"))
-    nf = tl.where(ok, nf, 1.0)
-    Gr = tl.where(ok, Gs / nf, 0.0) + tl.where(eye & inside, _f64(RIDGE), 0.0)
-    root = tl.sqrt(nf)
-    if HAS_PREV:
-        a = tl.load(prev_ptr + cols, mask=valid, other=1.0) * root
-        floor = _f64(1e-30)
-        a = tl.where(valid, tl.where(a < floor, floor, a), 1.0)  # clamp(min=1e-30)
+    if SOLVE:
+        nf = tl.sqrt(tl.sum(tl.sum(Gs * Gs, axis=1), axis=0))
+        ok = (nf > 0) & (nf < float("inf"))
+        nf = tl.where(ok, nf, 1.0)
+        Gr = tl.where(ok, Gs / nf, 0.0) + tl.where(eye & inside, _f64(RIDGE), 0.0)
+        root = tl.sqrt(nf)
+        if HAS_PREV:
+            a = tl.load(prev_ptr + cols, mask=valid, other=1.0) * root
+            floor = _f64(1e-30)
+            a = tl.where(valid, tl.where(a < floor, floor, a), 1.0)  # clamp(min=1e-30)
+        else:
+            d = tl.sum(tl.where(eye, Gr, 0.0), axis=0)
+            a = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, d, 1.0)), 0.0)
+            quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
+            a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
+        alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
+    elif HAS_PREV:
+        alpha = tl.load(prev_ptr + cols, mask=valid, other=0.0)
     else:
-        d = tl.sum(tl.where(eye, Gr, 0.0), axis=0)
-        a = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, d, 1.0)), 0.0)
-        quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
-        a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
-    alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
+        alpha = tl.where(valid, _f64(1.0), 0.0)
     tl.store(alpha_ptr + cols, alpha, mask=valid)
     if MAX_NORM > 0:
         norm = tl.sum(alpha * tl.sum(Gs * alpha[None, :], axis=1), axis=0)
@@ -659,15 +665,17 @@ def aligned_weights(G: torch.Tensor, pref: torch.Tensor, tol: float, mode: int,
 
 
 def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridge: float,
-                 max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nash-MTL's solve and weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
+                 max_norm: float, solve: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
     ``(alpha, weights)`` in float64, ``alpha`` the solution on G's scale (the next warm start),
-    ``prev`` the previous one (float64) or None for the cold start."""
+    ``prev`` the previous one (float64) or None for the cold start. ``solve=False`` (the calls
+    between two solves) keeps ``prev`` (ones if None) and only applies the max-norm scaling."""
     K = G.shape[0]
     alpha = torch.empty(K, dtype=torch.float64, device=G.device)
     out = torch.empty_like(alpha)
     KP = _padded(K)
     _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev,
-                               alpha, out, K, iters, HAS_PREV=prev is not None, RIDGE=float(ridge),
-                               MAX_NORM=float(max_norm), KP=KP, num_warps=_num_warps(KP))
+                               alpha, out, K, iters, HAS_PREV=prev is not None, SOLVE=solve,
+                               RIDGE=float(ridge), MAX_NORM=float(max_norm), KP=KP,
+                               num_warps=_num_warps(KP))
     return alpha, out
