@@ -94,11 +94,13 @@ def kernels():
         sig = {"J": f"*{dtype}", "stride_k": "i64", "out": f"*{dtype}", "seed": "*i64",
                "counter": "*i64", "index": "*i64", "leak": "*fp64" if dtype == "fp64" else "*fp32",
                "K": "i32", "P": "i64", "HAS_INDEX": "constexpr", "HAS_LEAK": "constexpr",
-               "ACC": "constexpr", "KP": "constexpr", "BLOCK": "constexpr"}
-        for KP in (2, 16, 64):
-            out.append((f"graddrop_{dtype}", GD._graddrop_kernel, sig,
-                        {"HAS_INDEX": KP == 64, "HAS_LEAK": KP != 64, "ACC": acc, "KP": KP,
-                         "BLOCK": GD.TILE // KP}, 4))
+               "ACC": "constexpr", "KP": "constexpr", "CHUNKED": "constexpr",
+               "BLOCK": "constexpr"}
+        for KP, chunked in ((2, False), (16, False), (64, False), (64, True)):
+            out.append((f"graddrop_{dtype}" + ("[chunked]" if chunked else ""),
+                        GD._graddrop_kernel, sig,
+                        {"HAS_INDEX": KP == 64, "HAS_LEAK": KP != 64 or chunked, "ACC": acc,
+                         "KP": KP, "CHUNKED": chunked, "BLOCK": GD.TILE // KP}, 4))
     # Kernels written or changed after the last GPU run (2026-11-22): the uniforms (plain and
     # packed), OPM's feature dropping, the noisy scaling (its Philox moved), the per-segment
     # reduce kernels.

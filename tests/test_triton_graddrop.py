@@ -44,7 +44,8 @@ def _stream(gen):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("K,P", [(1, 37), (2, 5000), (5, 2049), (8, 4099), (64, 700)])
+@pytest.mark.parametrize("K,P", [(1, 37), (2, 5000), (5, 2049), (8, 4099), (64, 700), (65, 131),
+                                 (130, 67)])
 def test_matches_the_torch_path_bitwise_on_exact_sums(K, P, dtype, gen):
     J = torch.randint(-3, 4, (K, P), generator=gen).to(dtype).to(DEV)
     J[:, 3] = 0  # a column of zeros: purity 1/2 from the where, output 0
@@ -89,21 +90,22 @@ def test_non_finite_columns_as_the_torch_path(gen):
 
 def test_graddrop_aggregator_runs_the_kernel_where_triton_serves(monkeypatch, gen):
     """Under the Triton backend GradDrop (default f) is the kernel (counted), with the stream and
-    its advance of the torch path: two calls in a row give the reference backend's two results;
-    K > MAX_K and another f keep the torch loop."""
-    J = torch.randint(-3, 4, (5, 999), generator=gen).float()
-    monkeypatch.setenv("MMGRAD_BACKEND", "reference")
-    ref = mmgrad.aggregators.get("graddrop", seed=7)
-    want = [ref(J), ref(J)]
+    its advance of the torch path: two calls in a row give the reference backend's two results,
+    also for K > MAX_ROWS (rows in chunks); another f keeps the torch loop."""
     calls = []
     real = tgd.graddrop
     monkeypatch.setattr(tgd, "graddrop", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setenv("MMGRAD_BACKEND", "triton")
-    agg = mmgrad.aggregators.get("graddrop", seed=7)
-    got = [agg(J.to(DEV)).cpu(), agg(J.to(DEV)).cpu()]
-    assert len(calls) == 2
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert not tgd.serves(torch.zeros(tgd.MAX_K + 1, 3)) and tgd.serves(torch.zeros(tgd.MAX_K, 3))
+    for K in (5, tgd.MAX_ROWS + 3):
+        J = torch.randint(-3, 4, (K, 999), generator=gen).float()
+        monkeypatch.setenv("MMGRAD_BACKEND", "reference")
+        ref = mmgrad.aggregators.get("graddrop", seed=7)
+        want = [ref(J), ref(J)]
+        monkeypatch.setenv("MMGRAD_BACKEND", "triton")
+        agg = mmgrad.aggregators.get("graddrop", seed=7)
+        calls.clear()
+        got = [agg(J.to(DEV)).cpu(), agg(J.to(DEV)).cpu()]
+        assert len(calls) == 2
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     calls.clear()
     mmgrad.aggregators.get("graddrop", f=lambda p: p * p)(J.to(DEV))
     assert not calls

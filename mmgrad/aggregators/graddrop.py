@@ -73,7 +73,7 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def _fused_triton(J: torch.Tensor) -> bool:
     """Whether the Triton GradDrop kernel serves ``J``: the Triton backend selected for its device
-    (:func:`triton_selected`), K <= 64."""
+    (:func:`triton_selected`)."""
     if J.dtype not in _FUSED_DTYPES or not triton_selected(J):
         return False
     from mmgrad.triton import graddrop as triton_graddrop
@@ -93,9 +93,9 @@ def graddrop_identity(J: torch.Tensor, seed: torch.Tensor, counter: torch.Tensor
     the rows in the order of torch's CPU column sum, so it returns the torch path's bits except in
     the columns torch's own sum orders differently (the last < 64 columns of a block, or of a
     thread's share of one): there the sums may differ by rounding, and a keep decision with them
-    only where purity and U agree to rounding. Where the Triton backend serves J (K <= 64) one
-    Triton kernel does the same in one pass (``mmgrad/triton/graddrop.py``; its sums in tile
-    order). Otherwise the torch block loop runs (``block`` columns per block)."""
+    only where purity and U agree to rounding. Where the Triton backend serves J one Triton kernel
+    does the same (``mmgrad/triton/graddrop.py``: one pass for K <= 64, rows in chunks beyond; its
+    sums in tile order). Otherwise the torch block loop runs (``block`` columns per block)."""
     if J.dtype in _FUSED_DTYPES and ops.resolve_backend(J.device) == "cpp":
         return torch.ops.mmgrad_C.graddrop(J, seed, counter, leak, index)
     if _fused_triton(J):
@@ -126,7 +126,7 @@ class GradDrop(SeededMixin, Aggregator):
     Elementwise, so there is no ``weights(G)``.
 
     With the default ``f`` the work is one custom op (:func:`graddrop_identity`): a fused kernel
-    that reads J once with the C++ backend on CPU and with the Triton backend (CUDA, K <= 64);
+    that reads J once with the C++ backend on CPU and with the Triton backend (CUDA);
     other ``f``, other devices and ``MMGRAD_BACKEND=reference`` run the torch block loop.
 
     ``block``: columns per block of the torch loop (default: on CPU about 2**18 / K, a power of
