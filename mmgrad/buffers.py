@@ -158,12 +158,16 @@ class FlatGradBuffer:
         data = torch.zeros(rows, self.numel, dtype=self.dtype, device=self.device)
         keep = min(rows, self.rows)
         data[:keep].copy_(self.data[:keep])
-        for p in self.params:  # drop the old views so bind() does not fold them in again
-            p.grad = None
+        bound = [p.grad is not None and self._owns(p.grad) for p in self.params]
         self.data, self.rows = data, rows
         self._views = [self._make_views(r) for r in range(rows)]
         self._stale = self._stale[:keep] + [set() for _ in range(rows - keep)]
-        self.bind(self.active_row if self.active_row < rows else 0)
+        active = self.active_row if self.active_row < rows else 0
+        stale = self._stale[active]
+        for i, p in enumerate(self.params):  # the old views move to the new rows (not folded in)
+            if bound[i]:
+                p.grad = None if i in stale else self._views[active][i]
+        self.bind(active)
 
     def _on_accumulated(self, index: int):
         def hook(param):
@@ -200,9 +204,19 @@ class FlatGradBuffer:
         """Point every parameter's ``.grad`` at its slice of ``row``; the next backward
         accumulates there. Gradients already in ``.grad`` that live elsewhere are added into the row
         first, so nothing computed is lost. A parameter whose segment of ``row`` is stale (lazily
-        zeroed) keeps ``.grad = None`` until its first gradient arrives."""
+        zeroed) keeps ``.grad = None`` until its first gradient arrives.
+
+        A bound parameter whose ``.grad`` is ``None`` was zeroed behind the buffer's back
+        (``model.zero_grad()``, the wrapped optimizer's ``zero_grad()``): its segments of every row
+        become stale, as a lazy :meth:`zero_` of that parameter would make them."""
         if not 0 <= row < self.rows:
             raise IndexError(f"row {row} out of range for a buffer of {self.rows} rows")
+        active_stale = self._stale[self.active_row]
+        for i, p in enumerate(self.params):
+            if p.grad is None and i not in active_stale:
+                for stale in self._stale:
+                    stale.add(i)
+                self._received.discard(i)
         stale = self._stale[row]
         for i, (p, view) in enumerate(zip(self.params, self.views(row))):
             g = p.grad
@@ -258,7 +272,7 @@ class FlatGradBuffer:
             else:
                 self.data[r].zero_()
                 self._stale[r] = set()
-        if lazy:
+        if lazy and self.active_row in rows:
             for p in self.params:  # bind() must not fold the old views back in
                 if p.grad is not None and self._owns(p.grad):
                     p.grad = None

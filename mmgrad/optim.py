@@ -111,6 +111,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.diagnostics: dict[str, torch.Tensor] = {}
         self._step_count = 0
         self._warned_no_grad: set[str] = set()
+        self._stepped = False  # a step() ran since the last zero_grad()
 
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         layout = self._build_layout(modalities, owned)
@@ -197,11 +198,14 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient. The modality parameters' ``.grad`` are ``None`` until a backward pass
-        reaches them (``set_to_none=True``, as in torch) and views of the flat buffer afterwards."""
+        reaches them (``set_to_none=True``, as in torch) and views of the flat buffer afterwards.
+        ``model.zero_grad()`` or the wrapped optimizer's ``zero_grad()`` give the same steps; this
+        one is cheaper (nothing is written until the gradients arrive)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
         # set_to_none: nothing is written now, each row segment takes its first gradient by a copy.
         self._buffer.zero_(lazy=set_to_none)
         self._synced = None
+        self._stepped = False
 
     def synchronize(self) -> None:
         """Under data parallelism, average the gradients (and the methods' per-batch statistics)
@@ -219,6 +223,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
         micro-batch; gradients accumulate until ``step()``."""
         self._synced = None  # new gradients: synchronise again
+        if self._stepped:
+            self._start_step_without_zero_grad()
         try:
             self.method.backward(self, loss, **batch)
         except RuntimeError as exc:
@@ -247,6 +253,19 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return loss
 
     # --- step internals ---------------------------------------------------------------------------
+
+    def _start_step_without_zero_grad(self) -> None:
+        """The first backward after a ``step()`` that no ``opt.zero_grad()`` followed (the user
+        zeroed with ``model.zero_grad()`` or the wrapped optimizer's, or not at all). ``.grad`` is
+        the result row and behaves as in torch: zeroed in place it is zero, set to ``None`` the
+        buffer sees it (:meth:`FlatGradBuffer.bind`), left alone it accumulates. The other rows
+        hold the last step's per-objective gradients, which nobody can zero from outside: they
+        start this step empty."""
+        self._stepped = False
+        buffer = self._buffer
+        others = [r for r in range(buffer.rows) if r != buffer.active_row]
+        if others:
+            buffer.zero_(others, lazy=True)
 
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Host bookkeeping before the edit: complete the buffer rows, warn about modalities without
@@ -284,6 +303,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             buffer.bind(self.method.result_row)
         self._inner_step(finite)
         buffer.release_retired()  # after the step, as plain training frees its gradients late
+        self._stepped = True
         if sync is not None:
             sync.after_step(self)
             self._synced = None

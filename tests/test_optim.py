@@ -231,6 +231,39 @@ def test_user_zero_grad_set_to_none_keeps_working():
     assert opt._layout.buffer.is_bound()
 
 
+@pytest.mark.parametrize("name", ["ogm", "mmpareto", "agm", "upgrad", "nash_mtl"])
+def test_zeroing_through_the_model_or_the_wrapped_optimizer_equals_opt_zero_grad(name):
+    """``model.zero_grad()`` (either ``set_to_none``) or the wrapped optimizer's ``zero_grad()``
+    instead of ``opt.zero_grad()``: each step sees its own batch's gradient only, as in torch
+    (the buffer rows used to keep the last step's gradients and add the new ones to them)."""
+
+    def run(zero):
+        model, _, _ = make()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if name in ("upgrad", "nash_mtl"):
+            opt = mmgrad.BalancedOptimizer(inner, shared=list(model.encoders.parameters()), method=name)
+        else:
+            opt = build(model, METHODS[name](), inner=inner)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            xs = {m: torch.randn(8, c, 7, 7, generator=gen, dtype=torch.float64) for m, c in zip(model.names, (1, 3))}
+            y = torch.randint(0, 5, (8,), generator=gen)
+            {"opt": opt.zero_grad, "model": model.zero_grad, "inner": inner.zero_grad,
+             "in place": lambda: model.zero_grad(set_to_none=False)}[zero]()
+            if name in ("upgrad", "nash_mtl"):
+                out, _, uni = model(xs)
+                opt.backward([F.cross_entropy(out, y)] + [F.cross_entropy(uni[m], y) for m in model.names])
+            else:
+                train_step(opt, model, xs, y, kind(name))
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    want = run("opt")
+    for zero in ("model", "inner", "in place"):
+        got = run(zero)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), zero
+
+
 def test_construction_errors_say_what_to_fix():
     model, xs, y = make()
     sgd = lambda ps: torch.optim.SGD(ps, lr=0.1)  # noqa: E731
