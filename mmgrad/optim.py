@@ -356,7 +356,23 @@ class BalancedOptimizer(torch.optim.Optimizer):
             torch._foreach_lerp_(before, [p.detach() for p in params], list(scale.to(params[0].dtype).unbind()))
             torch._foreach_copy_([p.detach() for p in params], before)
 
+    def _report_to_grad_scaler(self, finite: torch.Tensor) -> None:
+        """Inside ``scaler.step(opt)``: add "not finite" to the scaler's inf record for this
+        optimizer, so that ``scaler.update()`` backs off. Its own check saw ``.grad`` only, not
+        the rows kept apart (MMPareto's multimodal row, the other objectives' rows). A device op
+        on GradScaler's per-optimizer record (private, stable since torch 1.6)."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return
+        found = getattr(scaler, "_per_optimizer_states", {}).get(id(self), {}).get("found_inf_per_device")
+        if not found:  # step() called outside scaler.step(): nothing to report to
+            return
+        device = self._buffer.device
+        flag = (~finite).to(device=device, dtype=torch.float32)
+        found[device] = torch.maximum(found[device], flag) if device in found else flag
+
     def _wrapped_step(self, finite: torch.Tensor) -> None:
+        self._report_to_grad_scaler(finite)
         opt = self.optimizer
         unused = self._buffer.params_without_grad()
         saved = [(self._buffer.params[i], self._buffer.params[i].grad) for i in unused]

@@ -207,6 +207,39 @@ def test_grad_scaler_with_a_forced_inf_step(name):
             assert torch.allclose(p, q, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["mmpareto", "upgrad"])
+def test_grad_scaler_backs_off_for_an_inf_in_a_row_apart_from_grad(name):
+    """An overflow in a row that ``.grad`` does not point at (MMPareto's multimodal row, the
+    first objective's row) escapes the scaler's own check: mmgrad skips the step and reports it,
+    so ``scaler.update()`` backs off instead of growing the scale while every step is skipped."""
+    model, xs, y = make()
+    model = model.float()
+    xs = {m: x.float() for m, x in xs.items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1)
+    inner = torch.optim.SGD(model.parameters(), lr=0.05)
+    if name == "upgrad":
+        opt = mmgrad.BalancedOptimizer(inner, shared=list(model.encoders.parameters()), method=name,
+                                       grad_scaler=scaler)
+    else:
+        opt = build(model, METHODS[name](), inner=inner, grad_scaler=scaler)
+    for step in range(3):
+        opt.zero_grad()
+        if name == "upgrad":
+            out, _, uni = model(xs)
+            opt.backward([scaler.scale(F.cross_entropy(o, y)) for o in (out, uni["audio"], uni["visual"])])
+        else:
+            train_step(opt, model, xs, y, kind(name), loss_scale=scaler.scale)
+        if step >= 1:
+            assert opt._buffer.active_row != 0
+            opt._buffer.row(0)[0] = float("inf")
+        before = [p.clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        moved = any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        assert moved == (step == 0)
+        assert scaler.get_scale() == [2.0**11, 2.0**10, 2.0**9][step]
+
+
 def test_parameters_that_get_no_gradient_are_not_decayed():
     model, xs, y = make()
     inner = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)
