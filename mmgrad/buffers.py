@@ -231,6 +231,12 @@ class FlatGradBuffer:
             p.grad = None if i in stale else view
         self.active_row = row
 
+    def zeroed_from_outside(self) -> bool:
+        """Whether every ``.grad`` is ``None`` while some segment of the active row holds a
+        gradient: a ``model.zero_grad()`` (or the wrapped optimizer's) since the last backward."""
+        stale = self._stale[self.active_row]
+        return len(stale) < len(self.params) and all(p.grad is None for p in self.params)
+
     def materialize(self) -> None:
         """Make every row hold exactly the gradients computed since the last :meth:`zero_`: fold in
         gradients left outside the buffer, zero the segments no backward reached, and bind the

@@ -202,6 +202,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``model.zero_grad()`` or the wrapped optimizer's ``zero_grad()`` give the same steps; this
         one is cheaper (nothing is written until the gradients arrive)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
+        self.method.on_zero_grad()
         # set_to_none: nothing is written now, each row segment takes its first gradient by a copy.
         self._buffer.zero_(lazy=set_to_none)
         self._synced = None
@@ -222,7 +223,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buffer rows). ``loss`` is a tensor, or a list / dict of losses for multi-objective methods;
         ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
         micro-batch; gradients accumulate until ``step()``."""
+        self._check_method_is_ours()
         self._synced = None  # new gradients: synchronise again
+        if self._buffer.zeroed_from_outside():  # model.zero_grad(): a new step, as opt.zero_grad()
+            self.method.on_zero_grad()
         if self._stepped:
             self._start_step_without_zero_grad()
         try:
@@ -254,6 +258,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     # --- step internals ---------------------------------------------------------------------------
 
+    def _check_method_is_ours(self) -> None:
+        if self.method.layout is not self._layout:
+            raise RuntimeError(
+                f"this optimizer's {type(self.method).__name__} object was given to another "
+                "BalancedOptimizer since; give each optimizer its own method object"
+            )
+
     def _start_step_without_zero_grad(self) -> None:
         """The first backward after a ``step()`` that no ``opt.zero_grad()`` followed (the user
         zeroed with ``model.zero_grad()`` or the wrapped optimizer's, or not at all). ``.grad`` is
@@ -270,6 +281,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Host bookkeeping before the edit: complete the buffer rows, warn about modalities without
         a gradient; returns the gradients outside the buffer and the GradScaler's unscale factor."""
+        self._check_method_is_ours()
         # Fold in gradients a plain loss.backward() left elsewhere, zero what no backward reached.
         self._buffer.materialize()
         self._warn_modalities_without_grad()
@@ -286,7 +298,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         else:
             # Average the rows, the other gradients and the per-batch statistics over ranks.
             finite = sync.before_edit(self, self._local_finite(others))
-        context = StepContext(self._layout, self.epoch, self._step_count, row_scale, self.param_groups)
+        context = StepContext(self._layout, self.epoch, self._step_count, row_scale, self.param_groups,
+                              finite=finite)
         if sync is not None:
             context.reduce_stats = sync.reduce_stats
         self.diagnostics = self.method.edit(context)
@@ -294,6 +307,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
             finite = finite & self.diagnostics["finite"]
         if sync is not None:
             finite = sync.after_edit(self, finite)  # local modes: average the edited gradient
+        self.diagnostics["finite"] = finite  # whether this step is taken
         return finite
 
     def _finish_step(self, finite: torch.Tensor) -> None:

@@ -168,6 +168,130 @@ def test_nonfinite_step_is_skipped_and_leaves_parameters_and_state_alone(name, f
         assert torch.equal(v["momentum_buffer"], after["state"][k]["momentum_buffer"])
 
 
+def _state_tensors(tree, prefix=""):
+    """(key, value) leaves of a nested state dict, tensors cloned."""
+    if isinstance(tree, dict):
+        return [kv for k, v in tree.items() for kv in _state_tensors(v, f"{prefix}.{k}")]
+    if isinstance(tree, (list, tuple)):
+        return [kv for i, v in enumerate(tree) for kv in _state_tensors(v, f"{prefix}[{i}]")]
+    return [(prefix, tree.clone() if isinstance(tree, torch.Tensor) else copy.deepcopy(tree))]
+
+
+MULTI_OBJECTIVE = {
+    "gradvac": lambda: mmgrad.aggregators.get("gradvac", seed=1),
+    "nash_mtl": lambda: mmgrad.aggregators.get("nash_mtl"),
+    "pcgrad": lambda: mmgrad.aggregators.get("pcgrad", seed=2),
+    "graddrop": lambda: mmgrad.aggregators.get("graddrop", seed=2),
+}
+
+
+def _multi_objective_step(opt, model, xs, y):
+    out, _, uni = model(xs)
+    opt.backward([F.cross_entropy(out, y)] + [F.cross_entropy(uni[m], y) for m in model.names])
+
+
+@pytest.mark.parametrize("name", ["ogmge", "agm", "inforeg"] + list(MULTI_OBJECTIVE))
+@pytest.mark.parametrize("where", ["rows", "head"])
+def test_a_skipped_step_leaves_the_methods_state_alone(name, where):
+    """A step skipped for an inf / NaN (in the buffer rows, or in a head gradient that the method
+    never reads) changes no method state: OGM-GE's noise stream, AGM's running average,
+    InfoReg's Fisher trace, the aggregators' EMA targets, warm starts and random streams (all
+    chosen on the device). Nash-MTL's host call counter still counts the call."""
+    model, xs, y = make()
+    if name in MULTI_OBJECTIVE:
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = mmgrad.BalancedOptimizer(inner, shared=list(model.encoders.parameters()),
+                                       method=MULTI_OBJECTIVE[name]())
+        step = lambda: _multi_objective_step(opt, model, xs, y)  # noqa: E731
+    else:
+        opt = build(model, METHODS[name]())
+        step = lambda: train_step(opt, model, xs, y, kind(name))  # noqa: E731
+    for _ in range(2):
+        opt.zero_grad()
+        step()
+        opt.step()
+    before = _state_tensors(opt.method.state_dict())
+    opt.zero_grad()
+    step()
+    if where == "rows":
+        opt._buffer.row(0)[1] = float("nan")
+    else:
+        model.head.weight.grad.view(-1)[0] = float("inf")
+    opt.step()
+    assert not opt.diagnostics["finite"]
+    after = _state_tensors(opt.method.state_dict())
+    assert [k for k, _ in after] == [k for k, _ in before]
+    for (key, a), (_, b) in zip(before, after):
+        if key == ".aggregator.step":  # Nash-MTL's host-side call counter
+            assert b == a + 1
+        elif isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), key
+        else:
+            assert a == b, key
+
+
+@pytest.mark.parametrize("name", ["ogm", "agm", "inforeg"])
+@pytest.mark.parametrize("zero", ["opt", "model"])
+def test_a_step_the_grad_scaler_skips_leaves_no_statistics_behind(name, zero):
+    """When GradScaler skips ``opt.step()`` (an inf in ``.grad``), the scores that batch's
+    backward collected are dropped at the next ``opt.zero_grad()`` / ``model.zero_grad()``: the
+    following steps equal a run that never saw that batch."""
+
+    def run(with_bad_batch):
+        model, _, _ = make()
+        model = model.float()
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=10**6)
+        opt = build(model, METHODS[name](), inner=torch.optim.SGD(model.parameters(), lr=0.05),
+                    grad_scaler=scaler)
+        gen = torch.Generator().manual_seed(3)
+        batches = [(torch.randn(8, c, 7, 7, generator=gen) for c in (1, 3)) for _ in range(4)]
+        batches = [dict(zip(model.names, b)) for b in batches]
+        y = torch.randint(0, 5, (8,), generator=gen)
+        bad = {m: x * (8.0 if m == "visual" else 1.0) for m, x in batches[0].items()}
+        seen = []
+        for i, xs in enumerate(batches[:1] + ([bad] if with_bad_batch else []) + batches[1:]):
+            opt.zero_grad() if zero == "opt" else model.zero_grad()
+            train_step(opt, model, xs, y, kind(name), loss_scale=scaler.scale)
+            if xs is bad:
+                model.head.weight.grad.view(-1)[0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+            if xs is not bad:
+                seen.append(opt.diagnostics["scores"].clone())
+        return seen, [p.detach().clone() for p in model.parameters()]
+
+    (scores, params), (scores_bad, params_bad) = run(False), run(True)
+    assert all(torch.equal(a, b) for a, b in zip(scores, scores_bad))
+    assert all(torch.equal(a, b) for a, b in zip(params, params_bad))
+
+
+def test_a_method_object_serves_the_optimizer_it_was_given_to_last():
+    """Two optimizers sharing one method object: the earlier one refuses to go on (it used to
+    step with gradients the method no longer edits)."""
+    model, xs, y = make()
+    twin = copy.deepcopy(model)
+    method = mmgrad.OGM(alpha=0.5, params="all")
+    first = build(model, method)
+    second = build(twin, method)
+    second.zero_grad()
+    train_step(second, twin, xs, y)
+    second.step()
+    first.zero_grad()
+    with pytest.raises(RuntimeError, match="its own method object"):
+        train_step(first, model, xs, y)
+    with pytest.raises(RuntimeError, match="its own method object"):
+        first.step()
+
+
+def test_inforeg_reports_the_steps_scores():
+    model, xs, y = make()
+    opt = build(model, mmgrad.InfoReg())
+    opt.zero_grad()
+    train_step(opt, model, xs, y)
+    opt.step()
+    assert (opt.diagnostics["scores"] > 0).all()
+
+
 def test_nonfinite_raise_policy():
     model, xs, y = make()
     opt = build(model, nonfinite="raise")

@@ -65,7 +65,8 @@ class NashMTL(Aggregator):
     constraints use the unnormalised ``G``). Then, if ``max_norm > 0`` and ``|J^T a| > max_norm``,
     ``a`` is scaled to ``|J^T a| = max_norm`` (a ``torch.where``; ``|J^T a|^2 = a^T G a``). With
     ``update_weights_every = n`` the solve runs on every n-th call and the other calls reuse the
-    last solution (a host-side call counter).
+    last solution (a host-side call counter; in :class:`mmgrad.BalancedOptimizer` a step skipped
+    for non-finite gradients keeps the warm start but still counts as a call).
 
     Solver: damped Newton (:func:`nash_newton`), ``optim_niter`` iterations (default 20) warm-started
     from the previous solution (state), cold start ``a_i = 1/sqrt(G_ii)`` scaled so that

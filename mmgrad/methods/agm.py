@@ -101,8 +101,9 @@ class AGM(BalancingMethod):
         finite = torch.isfinite(moments).all()
         s = self._score_sum / self._count.clamp_min(1)
         # Running average over steps, updated only on finite steps (a skipped step changes nothing).
-        steps = self._steps + finite.double()
-        running = torch.where(finite, self._running + (s - self._running) / steps.clamp_min(1), self._running)
+        taken = context.all_finite(finite)
+        steps = self._steps + taken.double()
+        running = torch.where(taken, self._running + (s - self._running) / steps.clamp_min(1), self._running)
         ratio, target = self._ratio(s), self._ratio(running)
         coeff = torch.exp(self.alpha * torch.clamp(target - ratio, max=7.0))
         self._running.copy_(running)

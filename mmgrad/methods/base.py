@@ -100,8 +100,9 @@ class BalancingMethod:
     result_row: int = 0
     #: True when ``edit`` returns ``diagnostics["finite"]``: a device bool, every entry of the rows
     #: was finite, read off statistics the method computes anyway (norms, Gram diagonals). Such a
-    #: method must leave its own state unchanged when the flag is false. Otherwise the optimizer
-    #: checks the rows with a pass of its own before ``edit``.
+    #: method must leave its own state unchanged when that flag or :meth:`StepContext.all_finite`
+    #: is false (the step is skipped). Otherwise the optimizer checks the rows with a pass of its
+    #: own before ``edit``.
     reports_finite: bool = False
 
     def __init__(self) -> None:
@@ -110,8 +111,17 @@ class BalancingMethod:
     # --- set-up ---------------------------------------------------------------------------------
 
     def attach(self, layout: ModalityLayout) -> None:
-        """Called once by the optimizer when the buffer exists; precompute device tables here."""
+        """Called once by the optimizer when the buffer exists; precompute device tables here. A
+        method object serves the optimizer it was attached to last (an earlier one that still uses
+        it gets an error from :meth:`mmgrad.BalancedOptimizer.backward` and ``step``)."""
         self.layout = layout
+
+    def on_zero_grad(self) -> None:
+        """A new step begins (``opt.zero_grad()``, or every gradient set to ``None`` from outside):
+        drop the per-step statistics that ``backward`` accumulated (:meth:`batch_statistics`), also
+        those of a batch whose step was skipped (a GradScaler's inf check, say)."""
+        for t in self.batch_statistics():
+            t.zero_()
 
     def on_epoch(self, epoch: int, optimizer) -> None:
         """Called by ``optimizer.set_epoch(epoch)`` when a new epoch starts."""
@@ -177,6 +187,14 @@ class StepContext:
     #: (Gram entries, per-tensor moments, counts: sums over gradient elements) global, in place,
     #: in one all-reduce; returns them. Identity in a single process. Call it before using them.
     reduce_stats: Callable = field(default=lambda *t: t[0] if len(t) == 1 else t)
+    #: Device bool: what the optimizer found finite before the edit (the gradients outside the
+    #: rows; the rows too for methods that do not report). None: nothing checked.
+    finite: Optional[torch.Tensor] = None
+
+    def all_finite(self, own: torch.Tensor) -> torch.Tensor:
+        """``own`` (the method's finite flag of its rows) and :attr:`finite`: whether this step is
+        taken. State a method carries to the next step changes only where this is true."""
+        return own if self.finite is None else own & self.finite
 
 
 def params_of(source) -> list[torch.Tensor]:

@@ -104,8 +104,8 @@ class InfoReg(BalancingMethod):
         moments = context.reduce_stats(ops.segment_moments(row, seg.offsets, seg.numels))
         finite = torch.isfinite(moments).all()
         fisher = (moments[self._fisher_index, 1].double() / self._fisher_numel).sum()
-        self._fisher_epoch += torch.where(finite, fisher, torch.zeros_like(fisher))
-        s = self._scores
+        self._fisher_epoch += torch.where(context.all_finite(finite), fisher, torch.zeros_like(fisher))
+        s = self._scores.clone()
         gap = s - s.flip(0)  # s_m - s_other
         beta = torch.where((gap > 0) & self._open, self._base * torch.exp(torch.tanh(gap)), torch.zeros_like(gap))
         self._scores.zero_()
@@ -113,7 +113,7 @@ class InfoReg(BalancingMethod):
             diffs = torch._foreach_sub([p.detach() for p in ps], snap)
             torch._foreach_mul_(diffs, beta[m].to(ps[0].dtype))
             torch._foreach_add_(grads, diffs)
-        return {"finite": finite, "scores": s.clone(), "beta": beta, "window_open": self._open.clone(), "fisher": fisher}
+        return {"finite": finite, "scores": s, "beta": beta, "window_open": self._open.clone(), "fisher": fisher}
 
     def state_dict(self) -> dict:
         return {

@@ -61,6 +61,7 @@ class MultiObjective(BalancingMethod):
         # G = sum over shards of J_s J_s^T: with sharded parameters only these K x K numbers cross ranks.
         G = context.reduce_stats(ops.gram(J)) * scale[:, None] * scale[None, :]
         finite = torch.isfinite(G).all()
+        before = _tensors_cloned(self.state_dict())
         if getattr(self.aggregator, "gramian_based", True):
             w = self.aggregator.weights(G).to(G.dtype) * scale
             # w @ J straight into row 0 (every element reads its column before it is written).
@@ -72,6 +73,9 @@ class MultiObjective(BalancingMethod):
             else:
                 buffer.row(0).copy_(self.aggregator(J))
             w = None
+        # A skipped step leaves the aggregator's state (EMA targets, warm start, random stream) as
+        # it was: its tensors are chosen on the device, no host sync.
+        self.load_state_dict(_where(context.all_finite(finite), self.state_dict(), before))
         diagnostics = {"finite": finite, "gram": G}
         if w is not None:
             diagnostics["weights"] = w
@@ -98,3 +102,26 @@ class MultiObjective(BalancingMethod):
 
     def __repr__(self) -> str:
         return f"MultiObjective({self.aggregator!r}, num_objectives={self.rows})"
+
+
+def _tensors_cloned(tree):
+    """``tree`` (nested dicts) with every tensor cloned."""
+    if isinstance(tree, torch.Tensor):
+        return tree.clone()
+    if isinstance(tree, Mapping):
+        return {k: _tensors_cloned(v) for k, v in tree.items()}
+    return tree
+
+
+def _where(cond, new, old):
+    """``new`` with each tensor that ``old`` holds too (same shape) replaced by
+    ``torch.where(cond, new, old)``; host values and tensors ``old`` lacks stay as in ``new``."""
+    if isinstance(new, torch.Tensor):
+        if isinstance(old, torch.Tensor) and old.shape == new.shape:
+            return torch.where(cond.to(new.device), new, old.to(new.dtype))
+        return new
+    if isinstance(new, Mapping):
+        old = old if isinstance(old, Mapping) else {}
+        return {k: _where(cond, v, old.get(k)) for k, v in new.items()}
+    return new
+

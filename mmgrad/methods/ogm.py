@@ -183,7 +183,7 @@ class OGM(BalancingMethod):
             scale_segments_(layout, row, mod, self._modulated_host_index, scale, std, self._seed)
             # Fresh noise next step, advanced on the device (CUDA-graph safe); a skipped
             # (non-finite) step leaves the stream where it was.
-            self._seed.add_(finite.to(torch.int64))
+            self._seed.add_(context.all_finite(finite).to(torch.int64))
         else:
             ops.segment_scale_(row, mod.offsets, mod.numels, scale)
         return diagnostics
