@@ -111,7 +111,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.diagnostics: dict[str, torch.Tensor] = {}
         self._step_count = 0
         self._warned_no_grad: set[str] = set()
+        self._warned_unfrozen: set[str] = set()
         self._stepped = False  # a step() ran since the last zero_grad()
+        self._modality_modules = {n: s for n, s in modalities.items() if isinstance(s, nn.Module)}
 
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         layout = self._build_layout(modalities, owned)
@@ -157,6 +159,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
                     )
                 if p.is_sparse:
                     raise ValueError(f"modality {name!r} has a sparse parameter; sparse gradients are not supported")
+                if params and (p.dtype, p.device) != (params[0].dtype, params[0].device):
+                    raise ValueError(
+                        f"modality {name!r} has a {p.dtype} parameter on {p.device}, but the first modality "
+                        f"parameter is {params[0].dtype} on {params[0].device}: all modality parameters share one "
+                        "flat gradient buffer, so give them one dtype and device (e.g. model.to(dtype))"
+                    )
                 seen[id(p)] = name
                 params.append(p)
                 seg_mod.append(m_index)
@@ -194,6 +202,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Tell the method which epoch runs now (modulation windows, warm-ups, epoch statistics);
         call it at the start of every epoch."""
         self.epoch = int(epoch)
+        self._warn_parameters_unfrozen_since_construction()
         self.method.on_epoch(self.epoch, self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -412,6 +421,23 @@ class BalancedOptimizer(torch.optim.Optimizer):
         finally:
             for p, g in saved:
                 p.grad = g
+
+    def _warn_parameters_unfrozen_since_construction(self) -> None:
+        """The modality layout is fixed when the optimizer is built: a parameter of a modality
+        module that was frozen then and trains now is not balanced. Checked at ``set_epoch``."""
+        known = {id(p) for p in self._buffer.params}
+        for name, module in self._modality_modules.items():
+            late = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in known]
+            if late and name not in self._warned_unfrozen:
+                self._warned_unfrozen.add(name)
+                warnings.warn(
+                    f"modality {name!r} has {len(late)} trainable parameter(s) that were frozen when the "
+                    f"BalancedOptimizer was built ({', '.join(late[:3])}{', ...' if len(late) > 3 else ''}); "
+                    "mmgrad does not balance them. Build the optimizer after unfreezing them (warned once "
+                    "per modality)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
 
     def _warn_modalities_without_grad(self) -> None:
         unused = set(self._buffer.params_without_grad())

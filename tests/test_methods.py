@@ -187,8 +187,9 @@ def test_ogm_window_and_filters():
     assert all(torch.equal(p.grad, g) for p, g in zip(opt._layout.buffer.params, grads))  # outside the window
     assert (opt.diagnostics["coeff"] < 1).any()  # coefficients are still computed
     with pytest.raises(ValueError, match="no parameter tensor of the modalities matches"):
-        lin = nn.Linear(3, 3)
-        mmgrad.BalancedOptimizer(torch.optim.SGD(lin.parameters(), lr=1), modalities={"a": lin}, method=mmgrad.OGM(alpha=1))
+        lin, lin2 = nn.Linear(3, 3), nn.Linear(3, 3)
+        mmgrad.BalancedOptimizer(torch.optim.SGD([*lin.parameters(), *lin2.parameters()], lr=1),
+                                 modalities={"a": lin, "b": lin2}, method=mmgrad.OGM(alpha=1))
 
 
 def test_ogm_three_modalities_runs_and_damps_only_the_dominant():

@@ -364,6 +364,29 @@ def test_grad_scaler_backs_off_for_an_inf_in_a_row_apart_from_grad(name):
         assert scaler.get_scale() == [2.0**11, 2.0**10, 2.0**9][step]
 
 
+def test_more_construction_errors():
+    model, xs, y = make()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    enc = model.encoders
+    with pytest.raises(ValueError, match="at least two"):
+        mmgrad.BalancedOptimizer(sgd, modalities={"audio": enc["audio"]}, method=mmgrad.OGMGE(alpha=0.8))
+    with pytest.raises(ValueError, match="multimodal loss key 'audio' is also a modality"):
+        mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.MMPareto(multimodal="audio"))
+    enc["visual"].float()
+    with pytest.raises(ValueError, match="share one flat gradient buffer"):
+        mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OGM(alpha=0.5))
+
+
+def test_a_layer_unfrozen_after_construction_is_reported_at_set_epoch():
+    model, xs, y = make()
+    conv = model.encoders["audio"][0]
+    conv.weight.requires_grad_(False)
+    opt = build(model)
+    conv.weight.requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match=r"modality 'audio' has 1 trainable parameter\(s\) that were frozen"):
+        opt.set_epoch(1)
+
+
 def test_parameters_that_get_no_gradient_are_not_decayed():
     model, xs, y = make()
     inner = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.1)

@@ -60,6 +60,12 @@ class MMPareto(BalancingMethod):
         self.multimodal = multimodal
         self.eps = float(eps)
 
+    def attach(self, layout) -> None:
+        if self.multimodal in layout.names:
+            raise ValueError(f"MMPareto's multimodal loss key {self.multimodal!r} is also a modality name; "
+                             "pass another key, e.g. MMPareto(multimodal='fusion')")
+        super().attach(layout)
+
     def backward(self, optimizer, loss, **_) -> None:
         if not isinstance(loss, Mapping) or self.multimodal not in loss:
             raise ValueError(

@@ -127,6 +127,9 @@ class OGM(BalancingMethod):
         self._scores: Optional[torch.Tensor] = None
 
     def attach(self, layout) -> None:
+        if len(layout.names) < 2:
+            raise ValueError(f"{type(self).__name__} compares the modalities' confidence: it needs at least two, "
+                             f"got {layout.names}")
         super().attach(layout)
         try:
             self._modulated, self._modulated_modality, self._modulated_index = layout.filtered(self.params)
