@@ -232,7 +232,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         buffer rows). ``loss`` is a tensor, or a list / dict of losses for multi-objective methods;
         ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
         micro-batch; gradients accumulate until ``step()``."""
-        self._check_method_is_ours()
+        self._check_set_up_unchanged()
         self._synced = None  # new gradients: synchronise again
         if self._buffer.zeroed_from_outside():  # model.zero_grad(): a new step, as opt.zero_grad()
             self.method.on_zero_grad()
@@ -267,7 +267,17 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     # --- step internals ---------------------------------------------------------------------------
 
-    def _check_method_is_ours(self) -> None:
+    def _check_set_up_unchanged(self) -> None:
+        """The method object serves this optimizer, and the parameters are still of the buffer's
+        dtype and device (``model.to(...)`` after construction would make every gradient miss it)."""
+        buffer = self._buffer
+        for p in buffer.params:
+            if p.dtype != buffer.dtype or p.device != buffer.device:
+                raise RuntimeError(
+                    f"a modality parameter is now {p.dtype} on {p.device}, but the BalancedOptimizer was "
+                    f"built for {buffer.dtype} on {buffer.device}: build the optimizer (as any torch "
+                    "optimizer) after model.to(...)"
+                )
         if self.method.layout is not self._layout:
             raise RuntimeError(
                 f"this optimizer's {type(self.method).__name__} object was given to another "
@@ -290,7 +300,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Host bookkeeping before the edit: complete the buffer rows, warn about modalities without
         a gradient; returns the gradients outside the buffer and the GradScaler's unscale factor."""
-        self._check_method_is_ours()
+        self._check_set_up_unchanged()
         # Fold in gradients a plain loss.backward() left elsewhere, zero what no backward reached.
         self._buffer.materialize()
         self._warn_modalities_without_grad()

@@ -197,6 +197,19 @@ def test_crmt_loss_is_ce_plus_rho_margin():
         assert abs(crmt_loss(CRMTOutput(fused, h), y, rho=rho).item() - expect) < 1e-12
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (sync debug mode)")
+def test_stage_one_loss_and_backward_are_sync_free():
+    from conftest import host_sync_raises
+
+    torch.manual_seed(0)
+    head = CRMTHead({"a": 6, "b": 4}, classes=5).cuda()
+    z = {"a": torch.randn(8, 6, device="cuda"), "b": torch.randn(8, 4, device="cuda")}
+    y = torch.randint(0, 5, (8,), device="cuda")
+    crmt_loss(head(z), y).backward()  # warm-up
+    with host_sync_raises():
+        crmt_loss(head(z), y).backward()
+
+
 # --- Lipschitz estimate ----------------------------------------------------------------------------
 
 

@@ -356,3 +356,23 @@ def test_mask_features_zeroes_dropped_modalities():
                 assert torch.equal(out[m][i], torch.zeros_like(feats[m][i]))
     with pytest.raises(ValueError, match="M=2"):
         mask_features(feats, keep[:, :1])
+
+
+def test_names_fix_the_column_order_whatever_the_dict_order():
+    """Features given in another order than the resampler's names: with ``names=`` the Shapley
+    columns and the masks follow the names (without it they follow the dict, as documented)."""
+    head, feats, labels = random_problem({"audio": 3, "visual": 4})
+    swapped = {"visual": feats["visual"], "audio": feats["audio"]}
+    want = modality_shapley(head, feats, labels)
+    assert torch.equal(modality_shapley(head, swapped, labels, names=["audio", "visual"]), want)
+    assert torch.equal(modality_shapley(head, swapped, labels), want.flip(1))
+    keep = torch.tensor([[True, False], [False, True]])
+    two = {m: z[:2] for m, z in swapped.items()}
+    out = mask_features(two, keep, names=("audio", "visual"))
+    assert torch.equal(out["audio"][1], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(out["visual"][0], torch.zeros(4, dtype=torch.float64))
+    assert torch.equal(out["audio"][0], two["audio"][0]) and torch.equal(out["visual"][1], two["visual"][1])
+    with pytest.raises(ValueError, match="must list exactly the modalities"):
+        modality_shapley(head, feats, labels, names=["audio", "text"])
+    with pytest.raises(ValueError, match="must list exactly the modalities"):
+        mask_features(two, keep, names=["audio"])

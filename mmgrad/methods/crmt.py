@@ -277,7 +277,8 @@ def crmt_margin_loss(unimodal: Mapping[str, torch.Tensor], targets: torch.Tensor
     label = torch.zeros(shape, dtype=torch.bool, device=logits[0].device).scatter_(1, y, True)
     gaps = [(h - h.gather(1, y)).masked_fill(label, float("-inf")) for h in logits]
     lse = torch.logsumexp(torch.cat(gaps, dim=1), dim=1)
-    log_eps = torch.tensor(math.log(eps) if eps > 0 else float("-inf"), dtype=lse.dtype, device=lse.device)
+    # new_full fills on the device: torch.tensor(value, device=cuda) would copy from the host (a sync)
+    log_eps = lse.new_full((), math.log(eps) if eps > 0 else float("-inf"))
     return torch.logaddexp(lse, log_eps).mean()
 
 

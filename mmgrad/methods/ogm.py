@@ -29,6 +29,9 @@ def confidence_scores(logits: Mapping[str, torch.Tensor], targets: torch.Tensor,
     for name in names:
         if name not in logits:
             raise KeyError(f"logits has no entry for modality {name!r}; got {sorted(logits)}")
+        if logits[name].shape[0] != targets.shape[0]:
+            raise ValueError(f"logits[{name!r}] has {logits[name].shape[0]} rows but targets has "
+                             f"{targets.shape[0]}: they must come from the same batch")
         o = logits[name].detach()
         o = o.double() if o.dtype == torch.float64 else o.float()
         scores.append(torch.softmax(o, dim=1).gather(1, targets.view(-1, 1)).sum().double())

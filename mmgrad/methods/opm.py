@@ -165,6 +165,9 @@ class OPM(nn.Module):
         N, device = zs[0].shape[0], zs[0].device
         if any(z.shape[0] != N or z.device != device for z in zs):
             raise ValueError("every modality's features must have the same number of samples and device")
+        if targets.shape[:1] != (N,):
+            raise ValueError(f"targets has shape {tuple(targets.shape)} but the features have N={N} samples: "
+                             "features, logits and targets must come from the same batch")
         M = len(self.names)
         if not self.active:
             return OPMOutput(

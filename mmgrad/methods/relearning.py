@@ -157,6 +157,13 @@ class _Group:
 
     def lerp_(self, alpha: float) -> None:
         """theta <- alpha * theta_init + (1 - alpha) * theta, in place."""
+        moved = [p for p in self.params if (p.dtype, p.device) != (self.init.dtype, self.init.device)]
+        if moved:
+            raise RuntimeError(
+                f"Relearning kept the initial weights as {self.init.dtype} on {self.init.device}, but a "
+                f"parameter is now {moved[0].dtype} on {moved[0].device} (model.to(...) after Relearning "
+                "was built); build Relearning after moving or casting the model"
+            )
         seg = self.segments
         # A float64 tensor: a Python float would become a float32 tensor (rounded) on its way in.
         weight = torch.full((len(seg),), alpha, dtype=torch.float64, device=seg.device)

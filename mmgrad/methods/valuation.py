@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -43,13 +43,29 @@ _LEVELS = ("sample", "modality")
 _FUNCS = ("linear", "tanh", "pow")
 
 
+def _column_order(features: Mapping[str, torch.Tensor], names: Optional[Sequence[str]]) -> list[str]:
+    """The modality of each column: ``names`` (which must name exactly the keys of ``features``)
+    or the keys in their order."""
+    if not features:
+        raise ValueError("features is empty")
+    if names is None:
+        return list(features)
+    names = list(names)
+    if sorted(names) != sorted(features):
+        raise ValueError(f"names {names} must list exactly the modalities of features {list(features)}")
+    return names
+
+
 def modality_shapley(
     head: Callable[[dict[str, torch.Tensor]], torch.Tensor],
     features: Mapping[str, torch.Tensor],
     labels: torch.Tensor,
     size_weighted: bool = True,
+    names: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
-    """Exact per-sample Shapley values of the modalities, (N, M) float64 in ``features`` order.
+    """Exact per-sample Shapley values of the modalities, (N, M) float64, columns in ``names``
+    order (pass ``names=resampler.names`` for :meth:`ValuationResampler.plan`; default: the
+    order of ``features``, whose keys must then be listed in that order).
 
     ``head(features)`` maps ``{name: (N, d_m)}`` to logits (N, C). The value of a coalition S of
     modalities for sample i is ``v(S) = |S| * 1[argmax head(features with the modalities outside S
@@ -58,9 +74,7 @@ def modality_shapley(
     head runs ``2^M - 1`` times under ``no_grad``; call it with the model in eval mode. For two
     modalities ``phi_a = (v_a + v_av - v_v) / 2`` takes values in {-0.5, 0, 0.5, 1, 1.5}.
     """
-    names = list(features)
-    if not names:
-        raise ValueError("features is empty")
+    names = _column_order(features, names)
     if labels.dim() != 1:
         raise ValueError(f"labels must be (N,), got shape {tuple(labels.shape)}")
     n = labels.shape[0]
@@ -159,7 +173,7 @@ class ValuationResampler:
 
     Usage, after each epoch's training (features from the model in eval mode)::
 
-        phi = modality_shapley(model.head, feats, labels)
+        phi = modality_shapley(model.head, feats, labels, names=resampler.names)
         extra = resampler.plan(phi, epoch)
         index, keep = epoch_rows(len(train_set), extra)     # shuffle the rows into batches
     """
@@ -295,10 +309,12 @@ def epoch_rows(n_train: int, resampled: Resampled) -> tuple[torch.Tensor, torch.
     )
 
 
-def mask_features(features: Mapping[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+def mask_features(features: Mapping[str, torch.Tensor], keep: torch.Tensor,
+                  names: Optional[Sequence[str]] = None) -> dict[str, torch.Tensor]:
     """``{name: z * keep[:, m]}`` for a batch: zero each row's dropped modalities (columns of
-    ``keep`` (B, M) in ``features`` order)."""
-    names = list(features)
+    ``keep`` (B, M) in ``names`` order: pass :attr:`Resampled.names`; default: ``features``
+    order)."""
+    names = _column_order(features, names)
     if keep.dim() != 2 or keep.shape[1] != len(names):
         raise ValueError(f"keep must be (B, M={len(names)}), got shape {tuple(keep.shape)}")
     out = {}

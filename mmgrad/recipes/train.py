@@ -318,7 +318,8 @@ class _EpochHooks:
             model.eval()
             from mmgrad.methods.valuation import modality_shapley
 
-            phi = modality_shapley(model.head, model.encode(self.train.views), self.train.labels)
+            phi = modality_shapley(model.head, model.encode(self.train.views), self.train.labels,
+                                   names=self.resampler.names)
             self.extra = self.resampler.plan(phi, epoch=epoch)
             return {"extra_rows": int(self.extra.index.numel()), "mean_shapley": phi.mean(0).tolist()}
         return None
@@ -334,10 +335,10 @@ class _EpochHooks:
         epochs = self.spec.opts["stage2"]
         epochs = max(config.epochs // 3 - 1, 0) if epochs < 0 else int(epochs)
         model.eval()
-        lipschitz = lipschitz_estimate(lambda xs: model(xs).fused, self.train.views, self.classes)
+        lipschitz = lipschitz_estimate(lambda xs: model(xs).fused, self.train.views, self.classes, names=head.names)
         with torch.no_grad():
             uni = head(model.encode(self.train.views)).unimodal
-            h = torch.stack([uni[m] for m in self.modalities])
+            h = torch.stack([uni[m] for m in head.names])
         losses = head.tune_integration(h, self.train.labels, lipschitz, epochs=epochs, lr=0.03 * config.lr,
                                        batch_size=config.batch_size, generator=torch.Generator().manual_seed(seed))
         return {"stage2_loss": losses}
