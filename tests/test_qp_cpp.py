@@ -66,7 +66,7 @@ def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_cagrad_dual_matches_torch(K, kind, scale, gen):
     Gn = _normalized(random_gram(K, kind, scale, gen))
-    iters = _qp.default_iters(K, cagrad.CAGRAD_ITERS)
+    iters = _qp.default_iters(K)
     for c in (0.1, 0.5, 2.0):
         b, s = cagrad_inputs(Gn, c)
         want = cagrad.cagrad_dual_torch(Gn, b, s, iters)

@@ -117,6 +117,16 @@ def normalized(G: torch.Tensor, eps: float = 0.0, reg: float = 0.0) -> torch.Ten
     return Gn
 
 
+def rounding_ridge(G: torch.Tensor) -> float:
+    """A ridge for the trace-normalised ``G`` at the level of its dtype's rounding (``K * eps``)
+    when that is coarser than float64's: a float32 / half Gram of rank-deficient rows has
+    eigenvalues of either sign at about that level, and an unregularised QP (MGDA's min-norm
+    point, CAGrad's dual) steps along that spurious negative curvature. Zero for float64."""
+    if G.dtype == torch.float64:
+        return 0.0
+    return G.shape[0] * torch.finfo(G.dtype).eps
+
+
 def check_gram(G: torch.Tensor) -> None:
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"G must be a square (K, K) matrix, got shape {tuple(G.shape)}")

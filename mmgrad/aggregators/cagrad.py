@@ -10,11 +10,9 @@ from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_cpp_solver, use_triton_solver
+from .base import (Aggregator, _PrefMixin, check_gram, normalized, rounding_ridge, use_cpp_solver,
+                   use_triton_solver)
 
-#: Cap of the default budget ``min(CAGRAD_ITERS, K + 2)`` of :func:`cagrad_dual` iterations (each
-#: one masked K x K solve with 2 right-hand sides).
-CAGRAD_ITERS = 20
 _KAPPA_MAX = 1e8
 
 
@@ -25,7 +23,7 @@ def cagrad_dual(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: int | 
     once an iteration exchanges nothing) and the Triton kernel of ``mmgrad/triton/solvers.py``
     where the Triton backend serves ``G`` (one launch, same iteration and stop)."""
     if iters is None:
-        iters = default_iters(G.shape[0], CAGRAD_ITERS)
+        iters = default_iters(G.shape[0])
     return _cagrad_dual_op(G, b, s, iters, ridge, tol)
 
 
@@ -61,7 +59,7 @@ def cagrad_dual_torch(G: torch.Tensor, b: torch.Tensor, s: torch.Tensor, iters: 
     """
     K = G.shape[0]
     if iters is None:
-        iters = default_iters(K, CAGRAD_ITERS)
+        iters = default_iters(K)
     tight = torch.zeros(K, dtype=torch.bool, device=G.device)
     state = (torch.full((), K + 1, device=G.device, dtype=torch.long),
              torch.full((), BACKUP, device=G.device, dtype=torch.long))
@@ -100,12 +98,14 @@ class CAGrad(_PrefMixin, Aggregator):
     (official code's ``rescale=1``; torchjd does not rescale either). ``c`` defaults to 0.5
     (LibMTL / nash-mtl; torchjd has no default, the official NYUv2 run uses 0.4).
 
-    Solver: :func:`cagrad_dual` (budget ``iters``, default ``min(20, K + 2)``; one Triton kernel on
+    Solver: :func:`cagrad_dual` (budget ``iters``, default :func:`~mmgrad.aggregators._qp.default_iters`; one Triton kernel on
     GPUs for K <= 64, torch ops beyond, C++ on the CPU) where torchjd calls cvxpy + Clarabel on the
     CPU. Norms are computed on the
     trace-normalised ``G`` (as torchjd, which normalises by the trace too), but the normalisation
     itself has no threshold here (torchjd zeroes ``G`` when its trace is below ``norm_eps`` and
-    then returns zero weights).
+    then returns zero weights). A float32 / half ``G`` gets
+    :func:`~mmgrad.aggregators.base.rounding_ridge` on the diagonal (its rounding makes a
+    rank-deficient Gram indefinite).
     """
 
     name = "cagrad"
@@ -122,7 +122,7 @@ class CAGrad(_PrefMixin, Aggregator):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gn = normalized(G)
+        Gn = normalized(G, reg=rounding_ridge(G))
         K = G.shape[0]
         u = self._pref_for(K, Gn)
         b = Gn @ u

@@ -20,10 +20,12 @@ class ConFIG(_PrefMixin, Aggregator):
 
     Difference: torch's default ``pinv`` cut-off for the K x P matrix ``U`` is ``max(K, P) * eps``
     relative on singular values, i.e. it depends on P (0.12 for P = 1M in float32: nearly parallel
-    gradients are merged). Here the cut-off is ``rtol`` (default ``K * eps(G.dtype)``) on the
-    singular values of ``U``, floored at 1e-7 (the square root of float64's resolution on the
-    eigenvalues of ``Ghat``). Pass ``rtol=max(K, P) * eps`` to reproduce torchjd. Where the Triton
-    backend serves ``G`` the whole method is one kernel.
+    gradients are merged). Here ``Ghat`` = ``U U^T`` is what is decomposed, so its eigenvalues (the
+    squared singular values of ``U``) carry the rounding of G's dtype: those below
+    ``K * eps(G.dtype)`` times the largest (and below 1e-14 in any case) are noise and dropped. A
+    given ``rtol`` (relative, on the singular values of ``U``) drops those below ``rtol**2``
+    besides; pass ``rtol=max(K, P) * eps`` to reproduce torchjd. Where the Triton backend serves
+    ``G`` the whole method is one kernel.
     """
 
     name = "config"
@@ -39,19 +41,19 @@ class ConFIG(_PrefMixin, Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
-        rtol = self.rtol if self.rtol is not None else K * torch.finfo(G.dtype).eps
-        rtol = max(rtol, 1e-7)
+        # relative cut-off on the eigenvalues of the cosine matrix (squared singular values of U)
+        cut = max(K * torch.finfo(G.dtype).eps, 1e-14, (self.rtol or 0.0) ** 2)
         if self.eig == "auto" and use_triton_eager(G):  # the whole method in one kernel
             from mmgrad.triton import solvers
             pref = self._pref_for(K, G, default=1.0, dtype=torch.float64)
-            return solvers.pinv_weights(G, pref, rtol * rtol, JACOBI_SWEEPS).to(G.dtype)
+            return solvers.pinv_weights(G, pref, cut, JACOBI_SWEEPS).to(G.dtype)
         Gn = normalized(G)
         pref = self._pref_for(K, Gn, default=1.0)
         d = Gn.diagonal().clamp(min=0).sqrt()
         inv_d = torch.where(d > 0, 1.0 / torch.where(d > 0, d, torch.ones_like(d)),
                             torch.zeros_like(d))
         cos = inv_d.unsqueeze(1) * Gn * inv_d.unsqueeze(0)
-        c = inv_d * pinv_apply(cos, pref, rtol * rtol, self.eig)
+        c = inv_d * pinv_apply(cos, pref, cut, self.eig)
         Gc = Gn @ c
         nb2 = c @ Gc
         ok = nb2 > 0

@@ -40,9 +40,9 @@ class UPGrad(_DualConeBase):
     Weights ``sum_i v_i`` where ``v_i = argmin_v v^T G v s.t. v >= pref_i e_i`` (torchjd 0.18
     ``UPGradWeighting`` conventions: ``pref_vector`` default 1/K, ``G`` divided by its trace, then
     ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved by the pivoting active-set
-    method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` (default
-    ``min(20, K + 2)``) iterations: one Triton program per QP on GPUs (K <= 64; beyond, batched
-    K x K torch solves); one by one on their free blocks in C++ on the CPU; both stop at the fixed
+    method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` iterations
+    (default ``min(100, 4 K + 8)``, :func:`~mmgrad.aggregators._qp.default_iters`): one Triton
+    program per QP on GPUs (K <= 64; beyond, batched K x K torch solves); one by one on their free blocks in C++ on the CPU; both stop at the fixed
     point. K = 2 has a closed form.
     torchjd solves them one by one with quadprog on the CPU in numpy.
 

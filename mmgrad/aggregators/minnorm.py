@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _qp
-from .base import Aggregator, check_gram, normalized
+from .base import Aggregator, check_gram, normalized, rounding_ridge
 
 
 def frank_wolfe(G: torch.Tensor, epsilon: float, max_iters: int) -> torch.Tensor:
@@ -35,9 +35,11 @@ def frank_wolfe(G: torch.Tensor, epsilon: float, max_iters: int) -> torch.Tensor
 class MGDA(Aggregator):
     """MGDA (Desideri 2012; Sener & Koltun 2018): weights ``argmin_{a in simplex} a^T G a``.
 
-    Solver (default ``solver="exact"``): ``G`` normalised by its trace, then the primal-dual
+    Solver (default ``solver="exact"``): ``G`` normalised by its trace (plus
+    :func:`~mmgrad.aggregators.base.rounding_ridge` for a float32 / half ``G``), then the primal-dual
     active-set method of :func:`mmgrad.aggregators._qp.min_norm_simplex` with a fixed budget of
-    ``iters`` (default ``min(20, K + 2)``) masked K x K solves, closed form for K = 2. It returns the exact
+    ``iters`` masked K x K solves (default ``min(100, 4 K + 8)``,
+    :func:`~mmgrad.aggregators._qp.default_iters`), closed form for K = 2. It returns the exact
     minimiser (KKT residual at rounding level, tested) where torchjd's Frank-Wolfe stops at a step
     below ``epsilon`` (an approximation: the two differ by up to ~1e-2 in the weights).
 
@@ -61,8 +63,8 @@ class MGDA(Aggregator):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
-        Gn = normalized(G)
         K = G.shape[0]
+        Gn = normalized(G, reg=rounding_ridge(G) if self.solver == "exact" else 0.0)
         if self.solver == "frank_wolfe":
             w = frank_wolfe(Gn, self.epsilon, self.max_iters)
         elif K == 1:
