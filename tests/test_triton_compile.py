@@ -70,11 +70,10 @@ def kernels():
                 constants["KAPPA_MAX"] = 1e8
             out.append((name, fn, sig, constants, S._num_warps(KP)))
         out.append(("nash_newton", S._nash_kernel, nash, {"KP": KP}, S._num_warps(KP)))
-        for has_prev in (False, True):
-            for solve in (False, True):
-                out.append((f"nash_weights[prev={has_prev},solve={solve}]", S._nash_weights_kernel,
-                            nash_weights, {"HAS_PREV": has_prev, "SOLVE": solve, "RIDGE": 1e-8,
-                                           "MAX_NORM": 1.0, "KP": KP}, S._num_warps(KP)))
+        for has_prev, solve in ((False, True), (True, False), (True, True)):
+            out.append((f"nash_weights[prev={has_prev},solve={solve}]", S._nash_weights_kernel,
+                        nash_weights, {"HAS_PREV": has_prev, "SOLVE": solve, "RIDGE": 1e-8,
+                                       "MAX_NORM": 1.0, "KP": KP}, S._num_warps(KP)))
         out.append(("trace_normalized", S._trace_normalized_kernel, normalized,
                     {"EPS": 0.0, "REG": 1e-4, "KP": KP}, S._num_warps(KP)))
         if KP >= 16:  # tl.dot tiles

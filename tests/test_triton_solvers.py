@@ -223,17 +223,24 @@ def test_nash_mtl_solve_in_one_kernel_matches_torch(K, monkeypatch, gen):
         for G, w in zip(Gs, want):
             assert_rows_close(agg.weights(G.to(DEV)).cpu(), w, 1e-6)
         assert_rows_close(agg.alpha.cpu().float(), ref.alpha.float(), 1e-6)
-    # a call between two solves with no solution yet (a state saved so) starts from ones
+    # a call between two solves with no solution to reuse (a state saved so, or K changed) solves;
+    # a zero or non-finite G keeps the previous solution (ones before the first)
     G = random_gram(K, "full", 1e2, gen).float()
+    bad = G.clone()
+    bad[0, -1] = float("nan")
     got = {}
     for backend, dev in (("reference", "cpu"), ("triton", DEV)):
         monkeypatch.setenv("MMGRAD_BACKEND", backend)
-        agg = mmgrad.aggregators.get("nash_mtl", update_weights_every=2)
+        agg = mmgrad.aggregators.get("nash_mtl", update_weights_every=2, max_norm=0.0)
         agg.load_state_dict({"alpha": None, "step": 1})
-        got[backend] = (agg.weights(G.to(dev)).cpu(), agg.alpha.cpu())
+        w = agg.weights(G.to(dev)).cpu()
+        agg.update_weights_every = 1  # the next calls solve, on G without a solution
+        got[backend] = (w, agg.weights(torch.zeros_like(G).to(dev)).cpu(), agg.weights(bad.to(dev)).cpu())
+        assert torch.equal(got[backend][1], w) and torch.equal(got[backend][2], w)
+        fresh = mmgrad.aggregators.get("nash_mtl", max_norm=0.0)
+        assert_rows_close(fresh.weights(torch.zeros_like(G).to(dev)).cpu(), torch.ones(K), 0.0)
     assert_rows_close(got["triton"][0], got["reference"][0], 1e-6)
-    torch.testing.assert_close(got["triton"][1], torch.ones(K, dtype=F64))
-    torch.testing.assert_close(got["reference"][1], torch.ones(K, dtype=F64))
+    assert_rows_close(got["triton"][0], mmgrad.aggregators.get("nash_mtl", max_norm=0.0).weights(G), 1e-6)
 
 
 def test_empty_batch():

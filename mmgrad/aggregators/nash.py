@@ -66,7 +66,9 @@ class NashMTL(Aggregator):
     ``a`` is scaled to ``|J^T a| = max_norm`` (a ``torch.where``; ``|J^T a|^2 = a^T G a``). With
     ``update_weights_every = n`` the solve runs on every n-th call and the other calls reuse the
     last solution (a host-side call counter; in :class:`mmgrad.BalancedOptimizer` a step skipped
-    for non-finite gradients keeps the warm start but still counts as a call).
+    for non-finite gradients keeps the warm start but still counts as a call); a call with no
+    solution to reuse (the first, or K changed) solves. A zero or non-finite ``G`` keeps the
+    previous solution (ones before the first), so the weights stay bounded.
 
     Solver: damped Newton (:func:`nash_newton`), ``optim_niter`` iterations (default 20) warm-started
     from the previous solution (state), cold start ``a_i = 1/sqrt(G_ii)`` scaled so that
@@ -116,7 +118,8 @@ class NashMTL(Aggregator):
         prev = self.alpha
         if prev is not None and (prev.shape[0] != K or prev.device != G.device):
             prev = None
-        solving = self.step % self.update_weights_every == 0
+        # a call between two solves with no solution to reuse (the first with this K) solves too
+        solving = self.step % self.update_weights_every == 0 or prev is None
         if use_triton_eager(G):
             from mmgrad.triton import solvers  # the whole call in one kernel
             self.alpha, w = solvers.nash_weights(
@@ -139,9 +142,12 @@ class NashMTL(Aggregator):
             else:
                 a0 = (prev.to(Gs.dtype) * root).clamp(min=1e-30)
             alpha = nash_newton(Gr, a0, self.optim_niter) / root
+            # a zero or non-finite G has no bargaining solution: keep the previous one (ones at
+            # first), not the ridge's 1 / sqrt(NASH_RIDGE)
+            kept = prev.to(Gs.dtype) if prev is not None else torch.ones_like(alpha)
+            alpha = torch.where(ok, alpha, kept)
         else:
-            alpha = prev.to(Gs.dtype) if prev is not None else torch.ones(K, dtype=Gs.dtype,
-                                                                          device=Gs.device)
+            alpha = prev.to(Gs.dtype)
         self.step += 1
         self.alpha = alpha
         if self.max_norm > 0:

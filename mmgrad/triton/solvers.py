@@ -408,8 +408,9 @@ def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, 
     """``nash.NashMTL.weights`` whole. SOLVE: G (any float dtype and strides) over its Frobenius
     norm plus RIDGE I, the start (the previous solution rescaled, or the cold start
     ``1 / sqrt(diag)`` scaled to ``a^T G a = K``), :func:`_nash_newton_loop`, the solution back on
-    G's scale (written to ``alpha_ptr``: the warm start of the next call). Without SOLVE (the calls
-    between two solves) the solution is the previous one, or ones before the first. Then, with
+    G's scale (written to ``alpha_ptr``: the warm start of the next call; a zero or non-finite G
+    keeps the previous one, or ones). Without SOLVE (the calls between two solves) the solution is
+    the previous one. Then, with
     MAX_NORM > 0, it is scaled down to ``|J^T a| = MAX_NORM`` (written to ``out_ptr``)."""
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
@@ -434,10 +435,13 @@ def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, 
             quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
             a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
         alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
-    elif HAS_PREV:
+        if HAS_PREV:  # a zero or non-finite G keeps the previous solution (ones at first)
+            kept = tl.load(prev_ptr + cols, mask=valid, other=0.0)
+        else:
+            kept = tl.where(valid, _f64(1.0), 0.0)
+        alpha = tl.where(ok, alpha, kept)
+    else:  # between two solves: the previous solution (the caller always has one then)
         alpha = tl.load(prev_ptr + cols, mask=valid, other=0.0)
-    else:
-        alpha = tl.where(valid, _f64(1.0), 0.0)
     tl.store(alpha_ptr + cols, alpha, mask=valid)
     if MAX_NORM > 0:
         norm = tl.sum(alpha * tl.sum(Gs * alpha[None, :], axis=1), axis=0)
@@ -669,7 +673,9 @@ def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridg
     """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
     ``(alpha, weights)`` in float64, ``alpha`` the solution on G's scale (the next warm start),
     ``prev`` the previous one (float64) or None for the cold start. ``solve=False`` (the calls
-    between two solves) keeps ``prev`` (ones if None) and only applies the max-norm scaling."""
+    between two solves) keeps ``prev`` and only applies the max-norm scaling."""
+    if not solve and prev is None:
+        raise ValueError("nash_weights: a call that does not solve needs the previous solution")
     K = G.shape[0]
     alpha = torch.empty(K, dtype=torch.float64, device=G.device)
     out = torch.empty_like(alpha)
