@@ -525,3 +525,38 @@ def test_default_budget_reaches_the_fixed_point_on_rank_deficient_grams(name):
                 want = J.T @ A.get(name, iters=1000).weights(G)
                 got = J.T @ A.get(name).weights(G)
                 assert (got - want).norm() <= 1e-9 * J.norm(), (K, seed, tuple(J.shape))
+
+
+@pytest.mark.parametrize("name,opts,match", [
+    ("cagrad", {"c": float("nan")}, "c must be a finite number"),
+    ("upgrad", {"reg_eps": float("nan")}, "reg_eps must be a finite number"),
+    ("upgrad", {"pref_vector": [1.0, float("nan"), 1.0]}, "pref_vector must be finite"),
+    ("dualproj", {"iters": 2.5}, "iters must be an int"),
+    ("mgda", {"epsilon": float("nan")}, "epsilon must be > 0"),
+    ("imtl_g", {"eig": "foo"}, "eig must be"),
+    ("config", {"rtol": float("nan")}, "rtol must be a finite number"),
+    ("aligned_mtl", {"eig": "qr"}, "eig must be"),
+    ("nash_mtl", {"optim_niter": 1.5}, "optim_niter must be an int"),
+    ("gradvac", {"seed": 2**70}, "seed must be in"),
+    ("gradvac", {"beta": float("nan")}, "beta must be a finite number"),
+    ("graddrop", {"block": 0}, "block must be >= 1"),
+    ("graddrop", {"leak": [0.5, 2.0]}, "leak must lie in"),
+    ("graddrop", {"f": "identity"}, "f must be a callable"),
+])
+def test_invalid_options_fail_at_construction(name, opts, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        A.get(name, **opts)
+
+
+@pytest.mark.parametrize("name", ["mean", "upgrad", "nash_mtl", "graddrop"])
+def test_inputs_that_cannot_be_aggregated_are_refused(name):
+    J = torch.randn(3, 20, dtype=F64)
+    with pytest.raises(TypeError, match="floating-point"):
+        A.aggregate(J.to(torch.int64), name)
+    with pytest.raises(ValueError, match="not differentiable"):
+        A.aggregate(J.clone().requires_grad_(), name)
+    with torch.no_grad():  # what a training loop does: fine
+        A.aggregate(J.clone().requires_grad_(), name)
+    if name != "graddrop":
+        with pytest.raises(TypeError, match="floating-point"):
+            A.weights((J @ J.T).to(torch.int64), name)

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import JACOBI_SWEEPS, sym_eig
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_eager
+from .base import Aggregator, _PrefMixin, check_eig, check_gram, normalized, use_triton_eager
 
 
 class AlignedMTL(_PrefMixin, Aggregator):
@@ -30,7 +30,7 @@ class AlignedMTL(_PrefMixin, Aggregator):
         if scale_mode not in ("min", "median", "rmse"):
             raise ValueError(f"scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
         self._init_pref(pref_vector)
-        self.scale_mode, self.eig = scale_mode, eig
+        self.scale_mode, self.eig = scale_mode, check_eig(eig)
 
     def _options(self):
         return {"pref_vector": self._pref, "scale_mode": self.scale_mode}

@@ -17,6 +17,8 @@ Solver rules shared by every method (tested in ``tests/test_aggregators.py``):
 
 from __future__ import annotations
 
+import math
+
 import os
 from typing import Any, Optional, Sequence
 
@@ -127,9 +129,33 @@ def rounding_ridge(G: torch.Tensor) -> float:
     return G.shape[0] * torch.finfo(G.dtype).eps
 
 
+def check_option(name: str, value, minimum: float | None = None, maximum: float | None = None,
+                 integer: bool = False):
+    """``value`` if it is a finite number (an int with ``integer``) within [minimum, maximum],
+    else a ValueError that names the option; None passes."""
+    if value is None:
+        return value
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value!r}")
+    return value
+
+
+def check_eig(eig: str) -> str:
+    if eig not in ("auto", "lapack", "jacobi"):
+        raise ValueError(f"eig must be 'auto', 'lapack' or 'jacobi', got {eig!r}")
+    return eig
+
+
 def check_gram(G: torch.Tensor) -> None:
     if G.dim() != 2 or G.shape[0] != G.shape[1]:
         raise ValueError(f"G must be a square (K, K) matrix, got shape {tuple(G.shape)}")
+    if not G.is_floating_point():
+        raise TypeError(f"G must be a floating-point matrix, got {G.dtype}")
     if G.shape[0] == 0:
         raise ValueError("G must have at least one row (K >= 1)")
 
@@ -139,6 +165,11 @@ def check_matrix(J: torch.Tensor) -> None:
         raise ValueError(f"J must be a (K, P) matrix, got shape {tuple(J.shape)}")
     if J.shape[0] == 0:
         raise ValueError("J must have at least one row (K >= 1)")
+    if not J.is_floating_point():
+        raise TypeError(f"J must be a floating-point matrix, got {J.dtype}")
+    if J.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the aggregators are not differentiable (their solvers are not): pass "
+                         "J.detach(), or call under torch.no_grad()")
 
 
 class _PrefMixin:
@@ -152,6 +183,8 @@ class _PrefMixin:
             pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).detach()
             if pref_vector.dim() != 1:
                 raise ValueError("pref_vector must be a 1-D tensor")
+            if not torch.isfinite(pref_vector).all():
+                raise ValueError("pref_vector must be finite")
         self._pref = pref_vector
         self._pref_cache = {}
 
@@ -236,7 +269,7 @@ class SeededMixin:
     _counters: dict
 
     def _init_gen(self, seed: int) -> None:
-        self.seed = int(seed)
+        self.seed = check_option("seed", int(seed), -2**63, 2**63 - 1, integer=True)
         self._counters = {}
 
     def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32,

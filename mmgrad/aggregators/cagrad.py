@@ -10,8 +10,8 @@ from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
 from ._qp import BACKUP, RIDGE, TOL, _exchange, _masked_system, default_iters
-from .base import (Aggregator, _PrefMixin, check_gram, normalized, rounding_ridge, use_cpp_solver,
-                   use_triton_solver)
+from .base import (Aggregator, _PrefMixin, check_gram, check_option, normalized, rounding_ridge,
+                   use_cpp_solver, use_triton_solver)
 
 _KAPPA_MAX = 1e8
 
@@ -112,9 +112,9 @@ class CAGrad(_PrefMixin, Aggregator):
 
     def __init__(self, c: float = 0.5, norm_eps: float = 1e-4, iters: int | None = None,
                  pref_vector: Optional[Sequence[float] | torch.Tensor] = None) -> None:
-        if c < 0 or norm_eps < 0 or (iters is not None and iters <= 0):
-            raise ValueError("c and norm_eps must be non-negative and iters positive")
-        self.c, self.norm_eps, self.iters = c, norm_eps, iters
+        self.c = check_option("c", c, 0.0)
+        self.norm_eps = check_option("norm_eps", norm_eps, 0.0)
+        self.iters = check_option("iters", iters, 1, integer=True)
         self._init_pref(pref_vector)
 
     def _options(self):

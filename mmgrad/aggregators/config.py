@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_eager
+from .base import Aggregator, _PrefMixin, check_eig, check_gram, check_option, normalized, use_triton_eager
 
 
 class ConFIG(_PrefMixin, Aggregator):
@@ -33,7 +33,7 @@ class ConFIG(_PrefMixin, Aggregator):
     def __init__(self, pref_vector: Optional[Sequence[float] | torch.Tensor] = None,
                  rtol: float | None = None, eig: str = "auto") -> None:
         self._init_pref(pref_vector)
-        self.rtol, self.eig = rtol, eig
+        self.rtol, self.eig = check_option("rtol", rtol, 0.0), check_eig(eig)
 
     def _options(self):
         return {"pref_vector": self._pref, "rtol": self.rtol}

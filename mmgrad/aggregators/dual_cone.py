@@ -8,19 +8,17 @@ from typing import Optional, Sequence
 import torch
 
 from . import _qp
-from .base import Aggregator, _PrefMixin, check_gram, normalized
+from .base import Aggregator, _PrefMixin, check_gram, check_option, normalized
 
 
 class _DualConeBase(_PrefMixin, Aggregator):
     def __init__(self, pref_vector: Optional[Sequence[float] | torch.Tensor] = None,
                  norm_eps: float = 0.0, reg_eps: float = 1e-4,
                  iters: int | None = None) -> None:
-        if norm_eps < 0 or reg_eps < 0:
-            raise ValueError("norm_eps and reg_eps must be non-negative")
-        if iters is not None and iters <= 0:
-            raise ValueError("iters must be positive")
         self._init_pref(pref_vector)
-        self.norm_eps, self.reg_eps, self.iters = norm_eps, reg_eps, iters
+        self.norm_eps = check_option("norm_eps", norm_eps, 0.0)
+        self.reg_eps = check_option("reg_eps", reg_eps, 0.0)
+        self.iters = check_option("iters", iters, 1, integer=True)
 
     def _options(self):
         return {"pref_vector": self._pref, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps,

@@ -10,7 +10,7 @@ from mmgrad import ops
 from mmgrad._custom_op import custom_op
 from mmgrad.reference import accumulation_dtype
 
-from .base import Aggregator, SeededMixin, _advance, check_matrix, triton_selected
+from .base import Aggregator, SeededMixin, _advance, check_matrix, check_option, triton_selected
 
 #: Elements of J (K x columns) per block by default on CPU: the block and its one scratch buffer
 #: stay in cache across the block's passes, so J is read from memory once.
@@ -139,13 +139,17 @@ class GradDrop(SeededMixin, Aggregator):
     def __init__(self, f: Callable[[torch.Tensor], torch.Tensor] = _identity,
                  leak: Optional[Sequence[float] | torch.Tensor] = None, seed: int = 0,
                  block: Optional[int] = None) -> None:
+        if not callable(f):
+            raise TypeError(f"f must be a callable (purity -> purity), got {f!r}")
         self.f = f
         if leak is not None:
             leak = torch.as_tensor(leak, dtype=torch.float64)
             if leak.dim() != 1:
                 raise ValueError("leak must be a 1-D tensor")
+            if not ((leak >= 0) & (leak <= 1)).all():
+                raise ValueError("leak must lie in [0, 1]")
         self.leak = leak
-        self.block = None if block is None else int(block)
+        self.block = check_option("block", block, 1, integer=True)
         self._leak_cache: dict = {}
         self._init_gen(seed)
 

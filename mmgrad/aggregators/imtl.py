@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, check_gram, normalized, use_triton_eager
+from .base import Aggregator, check_eig, check_gram, check_option, normalized, use_triton_eager
 
 
 class IMTLG(Aggregator):
@@ -24,7 +24,7 @@ class IMTLG(Aggregator):
     name = "imtl_g"
 
     def __init__(self, rtol: float | None = None, eig: str = "auto") -> None:
-        self.rtol, self.eig = rtol, eig
+        self.rtol, self.eig = check_option("rtol", rtol, 0.0), check_eig(eig)
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _qp
-from .base import Aggregator, check_gram, normalized, rounding_ridge
+from .base import Aggregator, check_gram, check_option, normalized, rounding_ridge
 
 
 def frank_wolfe(G: torch.Tensor, epsilon: float, max_iters: int) -> torch.Tensor:
@@ -54,9 +54,12 @@ class MGDA(Aggregator):
                  epsilon: float = 1e-3, max_iters: int = 100) -> None:
         if solver not in ("exact", "frank_wolfe"):
             raise ValueError(f"solver must be 'exact' or 'frank_wolfe', got {solver!r}")
-        if (iters is not None and iters <= 0) or max_iters <= 0 or epsilon <= 0:
-            raise ValueError("iters, max_iters and epsilon must be positive")
-        self.solver, self.iters, self.epsilon, self.max_iters = solver, iters, epsilon, max_iters
+        if not epsilon > 0:
+            raise ValueError(f"epsilon must be > 0, got {epsilon!r}")
+        self.solver = solver
+        self.iters = check_option("iters", iters, 1, integer=True)
+        self.epsilon = check_option("epsilon", epsilon, 0.0)
+        self.max_iters = check_option("max_iters", max_iters, 1, integer=True)
 
     def _options(self):
         return {"solver": self.solver, "iters": self.iters}

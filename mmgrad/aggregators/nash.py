@@ -9,7 +9,7 @@ import torch
 from mmgrad._custom_op import custom_op
 
 from ._linalg import solve
-from .base import (Aggregator, check_gram, to_solve, use_cpp_solver, use_triton_solver,
+from .base import (Aggregator, check_gram, check_option, to_solve, use_cpp_solver, use_triton_solver,
                    use_triton_eager)
 
 #: Ridge added to the Frobenius-normalised Gramian so that the barrier problem has a minimiser
@@ -86,10 +86,10 @@ class NashMTL(Aggregator):
 
     def __init__(self, max_norm: float = 1.0, update_weights_every: int = 1,
                  optim_niter: int = 20, n_tasks: Optional[int] = None) -> None:
-        if max_norm < 0 or update_weights_every <= 0 or optim_niter <= 0:
-            raise ValueError("max_norm must be >= 0, update_weights_every and optim_niter > 0")
-        self.max_norm, self.update_weights_every, self.optim_niter = (
-            max_norm, update_weights_every, optim_niter)
+        self.max_norm = check_option("max_norm", max_norm, 0.0)
+        self.update_weights_every = check_option("update_weights_every", update_weights_every, 1,
+                                                 integer=True)
+        self.optim_niter = check_option("optim_niter", optim_niter, 1, integer=True)
         self.n_tasks = n_tasks
         self.reset()
 

@@ -24,7 +24,8 @@ import torch
 
 from mmgrad._custom_op import custom_op
 
-from .base import Aggregator, SeededMixin, check_gram, normalized, use_cpp_solver, use_triton_solver
+from .base import (Aggregator, SeededMixin, check_gram, check_option, normalized, use_cpp_solver,
+                   use_triton_solver)
 
 
 def _orders(K: int, uniform) -> torch.Tensor:
@@ -173,11 +174,8 @@ class GradVac(SeededMixin, Aggregator):
     name = "gradvac"
 
     def __init__(self, beta: float = 0.5, eps: float = 1e-8, seed: int = 0) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if eps < 0:
-            raise ValueError("eps must be non-negative")
-        self.beta, self.eps = beta, eps
+        self.beta = check_option("beta", beta, 0.0, 1.0)
+        self.eps = check_option("eps", eps, 0.0)
         self._init_gen(seed)
         self.phi_t: Optional[torch.Tensor] = None
 
