@@ -43,8 +43,8 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info mmgrad/_C*.so mmgrad/_build_info.py
 
 # A wheel of mmgrad with its C++ extension built against the venv's torch (which the wheel then
-# requires), into dist/; `make wheel-smoke` installs it into a fresh venv and launches every op
-# from there (packaging/wheel_smoke.sh). Cluster wheels (manylinux, CPU and CUDA): see
+# requires), into dist/; `make wheel-smoke` installs it into a fresh venv and launches the core
+# ops (gram, combine, the segment ops) from there (packaging/wheel_smoke.sh). Cluster wheels (manylinux, CPU and CUDA): see
 # packaging/README.md. Measured here: about 1.5 min to build, 1.7 min for the smoke test.
 wheel: install
 	rm -rf dist

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
+import os
 import platform
 
 import torch
@@ -53,11 +55,16 @@ def report() -> str:
     else:
         lines.append("GPU: none visible")
     for device in devices:
-        lines.append(f"backends for {device} tensors (auto picks: {ops.resolve_backend(torch.device(device))}):")
+        try:
+            picked = ops.resolve_backend(torch.device(device))
+        except RuntimeError as exc:  # MMGRAD_BACKEND forces one that cannot serve this device
+            picked = f"none: {exc}"
+        lines.append(f"backends for {device} tensors ({'MMGRAD_BACKEND' if os.environ.get('MMGRAD_BACKEND') else 'auto'} picks: {picked}):")
         for name, why in ops.available_backends(device).items():
             lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(prog="python -m mmgrad.env", description=__doc__).parse_args()
     print(report())

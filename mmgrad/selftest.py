@@ -1,5 +1,5 @@
-"""``python -m mmgrad.selftest``: launch every fused op on every backend this install can use and
-compare it with the float64 reference.
+"""``python -m mmgrad.selftest``: launch the core fused ops (gram, combine and the five segment
+ops) on every backend this install can use and compare them with the float64 reference.
 
 It is what a user runs after ``pip install`` on a new machine (and what the wheel smoke test runs
 in a fresh virtual environment): an import that works says little, a C++ or CUDA kernel that was

@@ -253,6 +253,41 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "report.md")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["compare", "--seeds", ","], "--seeds takes a count"),
+    (["compare", "--seeds", "0,0"], "lists a seed twice"),
+    (["train", "--epochs", "0"], "must be at least 1"),
+    (["train", "--batch-size", "-5"], "must be at least 1"),
+    (["train", "--threads", "0"], "must be at least 1"),
+    (["train", "--hidden", "0"], "widths must be at least 1"),
+])
+def test_cli_refuses_bad_numbers(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path)])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("methods,message", [
+    (["joint", "upgrad", "upgrad"], "lists upgrad more than once"),
+    (["joint", "ogm_ge", "opm:p_exe=5"], "p_exe must be in [0, 1]"),
+    (["relearn:every=0"], "every must be an int >= 1"),
+    (["sum:weight=abc"], "option weight of sum takes a number"),
+    (["cagrad:c=abc"], "bad options for aggregator 'cagrad'"),
+])
+def test_cli_method_errors_come_before_any_training(methods, message, tmp_path, capsys):
+    assert main(["compare", "--methods", *methods, "--epochs", "1", "--seeds", "1", "--quiet",
+                 "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "report.md")
+
+
+def test_a_diverged_run_is_reported_not_raised(tmp_path):
+    assert main(["train", "--lr", "100", "--epochs", "2", "--seeds", "1", "--quiet", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    run = next(iter(next(iter(result.values())).values()))[0]
+    assert all(v != v for v in run["probe"].values())  # NaN: no probe on diverged features
+
+
 def test_restore_settings_turns_denormal_flushing_back_off():
     previous = setup_determinism(threads=1)
     assert torch.tensor(1e-40).item() == 0.0  # flushed while the recipe runs

@@ -216,9 +216,13 @@ class Aggregator:
     gramian_based: bool = True
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The (K,) weights ``w`` of the rows from their (K, K) Gram matrix ``G = J J^T`` (any
+        float dtype; the result in ``G``'s dtype), on ``G``'s device, with no host sync."""
         raise NotImplementedError(f"{type(self).__name__} has no Gram-based weights")
 
     def __call__(self, J: torch.Tensor) -> torch.Tensor:
+        """The aggregated (P,) vector of the K rows of ``J`` (K, P): ``w @ J`` with
+        ``w = weights(J J^T)`` (a fused Gram pass, the solve, a fused combine pass)."""
         check_matrix(J)
         return combine(J, self.weights(gram(J)))
 

@@ -51,7 +51,12 @@ def _seeds(text: str) -> list[int]:
     """``"3"`` -> [0, 1, 2]; ``"0,5,7"`` -> [0, 5, 7]."""
     try:
         if "," in text:
-            return [int(s) for s in text.split(",") if s.strip()]
+            seeds = [int(s) for s in text.split(",") if s.strip()]
+            if not seeds:
+                raise ValueError
+            if len(set(seeds)) != len(seeds):
+                raise argparse.ArgumentTypeError(f"--seeds lists a seed twice: {text!r} (each run would count twice)")
+            return seeds
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,5,7), got {text!r}") from None
@@ -60,26 +65,42 @@ def _seeds(text: str) -> list[int]:
     return list(range(n))
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _hidden(text: str) -> tuple[int, ...]:
-    return tuple(int(s) for s in text.split(",") if s.strip())
+    try:
+        widths = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--hidden takes widths W[,W...], got {text!r}") from None
+    if any(w < 1 for w in widths):
+        raise argparse.ArgumentTypeError(f"--hidden widths must be at least 1, got {text!r}")
+    return widths
 
 
 def _add_common(p: argparse.ArgumentParser, out_default: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--seeds", type=_seeds, default=_seeds("3"), metavar="N|LIST",
                    help="number of seeds (0..N-1) or a comma list; each seed draws its own split and init (default 3)")
-    g.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
+    g.add_argument("--epochs", type=_positive_int, default=30, help="epochs per run (default 30)")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd",
                    help="wrapped optimizer (default sgd with momentum, as in the papers)")
     g.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    g.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default 64)")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="mini-batch size (default 64)")
     g = p.add_argument_group("model")
     g.add_argument("--encoder", choices=["mlp", "conv"], default="mlp",
                    help="per-modality encoder: mlp, or conv for image modalities (AV-digits images) (default mlp)")
     g.add_argument("--hidden", type=_hidden, default=(64,), metavar="W[,W...]", help="MLP hidden widths (default 64)")
-    g.add_argument("--features", type=int, default=32, help="encoder output width (default 32)")
+    g.add_argument("--features", type=_positive_int, default=32, help="encoder output width (default 32)")
     g.add_argument("--fusion", choices=["concat", "sum"], default="concat", help="fusion head (default concat)")
     g = p.add_argument_group("data")
     g.add_argument("--test-fraction", type=float, default=0.3, help="share of the data held out for testing (default 0.3)")
@@ -90,7 +111,7 @@ def _add_common(p: argparse.ArgumentParser, out_default: str) -> None:
     g.add_argument("--out", default=out_default, help=f"output directory for the report (default {out_default})")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress output; print only the report's path")
     g.add_argument("--tensorboard", action="store_true", help="also write TensorBoard logs under OUT/tensorboard")
-    g.add_argument("--threads", type=int, default=1,
+    g.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the models are tiny, and one thread is immune to "
                         "oversubscription on a busy machine)")
 
@@ -205,6 +226,10 @@ def _run(args) -> str:
     if args.command == "compare":
         tokens = [t for item in args.methods for t in item.split(",") if t.strip()]
         specs = [parse_method(t) for t in tokens]
+        labels = [s.label for s in specs]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"--methods lists {', '.join(twice)} more than once (each run would count twice)")
         if not any(s.name == "joint" and not s.options for s in specs):
             specs.insert(0, parse_method("joint"))
         data_specs = list(dict.fromkeys(args.data))
@@ -291,6 +316,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         path = run(args)
     except (ValueError, FileNotFoundError) as exc:
+        print(f"mmgrad {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # a forced MMGRAD_BACKEND that cannot serve: a set-up error too
+        if not str(exc).startswith("mmgrad backend"):
+            raise
         print(f"mmgrad {args.command}: error: {exc}", file=sys.stderr)
         return 2
     print(f"report: {path}")

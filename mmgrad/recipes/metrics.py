@@ -36,6 +36,8 @@ def linear_probe(train_z, train_y, test_z, test_y, classes: int = 10, steps: int
     Features are standardised with training statistics; the probe is fit full-batch with L-BFGS
     (deterministic: same features give the same accuracy) and a small L2 penalty.
     """
+    if not (torch.isfinite(train_z).all() and torch.isfinite(test_z).all()):
+        return float("nan")  # a diverged run: no probe to fit; the report shows NaN
     mean, std = train_z.mean(0), train_z.std(0)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))  # dead units (ReLU) stay at 0
     a, b = (train_z - mean) / std, (test_z - mean) / std

@@ -136,16 +136,22 @@ def parse_method(text: str) -> MethodSpec:
             raise ValueError(f"method option {part!r} in {text!r} is not key=value")
         opts[key] = _value(value)
     if name in METHODS:
-        unknown = set(opts) - set(METHODS[name][0])
+        defaults = METHODS[name][0]
+        unknown = set(opts) - set(defaults)
         if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; it takes {sorted(METHODS[name][0])}")
-        opts = {**METHODS[name][0], **opts}
+            raise ValueError(f"unknown option(s) {sorted(unknown)} for {name}; it takes {sorted(defaults)}")
+        for key, value in opts.items():
+            numeric = isinstance(defaults[key], (int, float)) and not isinstance(defaults[key], bool)
+            if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"option {key} of {name} takes a number, got {value!r}")
+        opts = {**defaults, **opts}
+    elif name not in mmgrad.aggregators.NAMES:
+        raise ValueError(f"unknown method {name!r}: not one of {', '.join(METHODS)} nor an aggregator "
+                         f"({', '.join(mmgrad.aggregators.NAMES)})")
     else:
         try:
             mmgrad.aggregators.get(name, **opts)
-        except ValueError as exc:
-            raise ValueError(f"unknown method {name!r}: not one of {', '.join(METHODS)} nor an aggregator ({exc})") from None
-        except TypeError as exc:
+        except (ValueError, TypeError) as exc:
             raise ValueError(f"bad options for aggregator {name!r}: {exc}") from None
     return MethodSpec(name, tuple(sorted(opts.items())), text)
 
@@ -216,6 +222,10 @@ def check_method(data: MultiViewData, spec: MethodSpec, config: TrainConfig) -> 
                         features=config.features, fusion=config.fusion, unimodal_heads=spec.needs_unimodal_heads)
     try:
         _balanced(spec, model, make_optimizer(config, model.parameters()))
+        train, val = data.train, data.val
+        if spec.name == "relearn" and val is None:
+            train, val = _validation_split(train, spec.opts["val"], 0)
+        _EpochHooks(spec, model, train, val, data.classes, 0)  # OPM, Re-learning, valuation options
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{spec.label} cannot run on {data.spec}: {exc}") from None
 
