@@ -291,7 +291,7 @@ def test_construction_and_plan_errors():
     ]:
         with pytest.raises(ValueError, match=match):
             ValuationResampler(["a", "v"], **kwargs)
-    with pytest.raises(ValueError, match="two modalities"):
+    with pytest.raises(ValueError, match="at least 2 modalities"):
         ValuationResampler(["a"])
     with pytest.raises(ValueError, match="repeat"):
         ValuationResampler(["a", "a"])

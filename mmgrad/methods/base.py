@@ -227,7 +227,8 @@ def modality_names(modalities, at_least: int = 1, method: str = "this method") -
     if len(set(names)) != len(names):
         raise ValueError(f"modality names must be distinct (one repeats), got {names}")
     if len(names) < at_least:
-        raise ValueError(f"{method} needs at least {at_least} modalities, got {names}")
+        raise ValueError(f"{method} needs at least {at_least} modalit{'y' if at_least == 1 else 'ies'}, "
+                         f"got {names}")
     return names
 
 

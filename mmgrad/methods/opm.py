@@ -119,8 +119,10 @@ class OPM(nn.Module):
         self.names = modality_names(modalities, at_least=2, method="OPM")
         if not 0 <= q_base <= 1:
             raise ValueError(f"q_base must be in [0, 1], got {q_base}")
-        if not lam >= 0:
-            raise ValueError(f"lam must be >= 0, got {lam}")
+        if not 0 <= lam < float("inf"):
+            raise ValueError(f"lam must be a finite number >= 0, got {lam}")
+        if start_epoch < 0:
+            raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if not 0 <= p_exe <= 1:
             raise ValueError(f"p_exe must be in [0, 1], got {p_exe}")
         if not eps >= 0:

@@ -200,9 +200,7 @@ class ValuationResampler:
             raise ValueError(f"start_epoch must be an int >= 0, got {start_epoch!r}")
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        self.names = tuple(modality_names(modalities))
-        if len(self.names) < 2:
-            raise ValueError(f"modality valuation needs at least two modalities, got {list(self.names)}")
+        self.names = tuple(modality_names(modalities, at_least=2, method="modality valuation"))
         self.level = level
         self.part_ratio = float(part_ratio)
         self.alpha = float(alpha)
