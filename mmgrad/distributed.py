@@ -290,6 +290,21 @@ class GradientSync:
             w.wait()
         return nonfinite[0] == 0
 
+    def more_gradients(self, optimizer) -> None:
+        """A backward pass after :meth:`before_edit` (``synchronize()`` mid-accumulation): the
+        statistics it summed over ranks go back to this rank's share (sum / world), so that the
+        next sum counts them once. (The averaged rows and gradients need nothing: averaging them
+        again with the new local gradients added gives the right average.)"""
+        for t in optimizer.method.batch_statistics():
+            t.div_(self.world)
+
+    @property
+    def checks_rows_first(self) -> bool:
+        """``"local"``: each rank edits its own rows and methods read no global statistics, so the
+        rows' finite check must come before the edit, in the flag the ranks agree on (else one
+        rank's method state would advance on a step the others skip)."""
+        return self.mode == "local" and not self.sharded
+
     def after_edit(self, optimizer, finite: torch.Tensor) -> torch.Tensor:
         """After ``method.edit`` in the local modes: average the edited gradient row and the other
         gradients, and agree on the step/skip decision."""

@@ -226,6 +226,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         if self._sync is not None and self._synced is None:
             self._buffer.materialize()
             self._synced = self._sync.before_edit(self, self._local_finite())
+            if self._sync.mode in ("local_gram", "local") and not self._sync.sharded:
+                self._show_agreed_flag_to_grad_scaler(self._synced)
 
     def backward(self, loss, **batch) -> None:
         """Back-propagate one micro-batch the way the method needs (one or several passes into the
@@ -233,7 +235,9 @@ class BalancedOptimizer(torch.optim.Optimizer):
         ``batch`` holds what the method reads (``logits=``, ``targets=``, ...). Call it once per
         micro-batch; gradients accumulate until ``step()``."""
         self._check_set_up_unchanged()
-        self._synced = None  # new gradients: synchronise again
+        if self._synced is not None:  # synchronize() ran and more gradients come: synchronise again
+            self._sync.more_gradients(self)
+        self._synced = None
         if self._buffer.zeroed_from_outside():  # model.zero_grad(): a new step, as opt.zero_grad()
             self.method.on_zero_grad()
         if self._stepped:
@@ -298,12 +302,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
             buffer.zero_(others, lazy=True)
 
     def _prepare_step(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Host bookkeeping before the edit: complete the buffer rows, warn about modalities without
-        a gradient; returns the gradients outside the buffer and the GradScaler's unscale factor."""
+        """Host bookkeeping before the edit: check the set-up, complete the buffer rows; returns the
+        gradients outside the buffer and the GradScaler's unscale factor."""
         self._check_set_up_unchanged()
         # Fold in gradients a plain loss.backward() left elsewhere, zero what no backward reached.
         self._buffer.materialize()
-        self._warn_modalities_without_grad()
         return self._other_grads(), self._row_scale()
 
     def _edit(self, others: list[torch.Tensor], row_scale: torch.Tensor) -> torch.Tensor:
@@ -330,8 +333,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         return finite
 
     def _finish_step(self, finite: torch.Tensor) -> None:
-        """Point ``.grad`` at the method's result row and step the wrapped optimizer (or skip)."""
+        """Warn about modalities without a gradient, point ``.grad`` at the method's result row and
+        step the wrapped optimizer (or skip)."""
         buffer, sync = self._buffer, self._sync
+        self._warn_modalities_without_grad()  # after the ranks' union of who got a gradient
         if self.method.result_row != buffer.active_row:
             buffer.bind(self.method.result_row)
         self._inner_step(finite)
@@ -351,9 +356,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     def _local_finite(self, others: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Device bool: this rank's gradients are finite (the rows only when the method does not
-        report it from its own statistics); ``others``: the gradients outside the buffer."""
+        report it from its own statistics, or the ranks must agree on them before the edit);
+        ``others``: the gradients outside the buffer."""
         finite = self._others_finite(self._other_grads() if others is None else others)
-        if not self.method.reports_finite:
+        if not self.method.reports_finite or (self._sync is not None and self._sync.checks_rows_first):
             finite = finite & torch.isfinite(self._buffer.data).all()  # an extra read of the rows
         return finite
 
@@ -388,6 +394,19 @@ class BalancedOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             torch._foreach_lerp_(before, [p.detach() for p in params], list(scale.to(params[0].dtype).unbind()))
             torch._foreach_copy_([p.detach() for p in params], before)
+
+    def _show_agreed_flag_to_grad_scaler(self, finite: torch.Tensor) -> None:
+        """Local modes: ``.grad`` is not averaged before the edit, so a GradScaler's inf check
+        would see this rank's gradients only, and a rank whose were finite would step into the
+        edit's collectives while another skipped. Where the ranks agreed on "not finite", one
+        element of the first modality gradient becomes NaN on every rank: every scaler skips."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+            return
+        grad = next((p.grad for p in self._buffer.params if p.grad is not None), None)
+        if grad is None:
+            return
+        first = _dist.local_tensor(grad).view(-1)[:1]
+        first.copy_(torch.where(finite, first, torch.full_like(first, float("nan"))))
 
     def _report_to_grad_scaler(self, finite: torch.Tensor) -> None:
         """Inside ``scaler.step(opt)``: add "not finite" to the scaler's inf record for this

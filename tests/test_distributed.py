@@ -82,6 +82,10 @@ CONFIGS = {
     # GradScaler, and an inf on one rank at step 1: opt.synchronize() before scaler.step(opt) makes
     # every rank skip that step together (and equal the single process, which skips it too).
     "mmpareto_scaler": (lambda m: mmgrad.MMPareto(), "pareto", {"scaler": True}),
+    # opt.synchronize() between two micro-batches: the batch statistics it summed count once
+    "ogm_sync_mid": (lambda m: mmgrad.OGM(alpha=0.8), "logits", {"micro": 2, "sync_mid": True}),
+    # an inf in rank 1's rows at step 1, no GradScaler: every rank skips, method state stays equal
+    "ogmge_inf": (lambda m: mmgrad.OGMGE(alpha=0.8, params="all"), "logits", {"inf_row": True}),
     "agm": (lambda m: mmgrad.AGM(alpha=0.1, fusion=list(m.head.parameters()), fusion_clip=0.02), "logits", {}),
     "inforeg": (lambda m: mmgrad.InfoReg(threshold=-1.0), "logits", {"epochs": True}),
     "upgrad": (lambda m: "upgrad", "multi", {}),
@@ -93,10 +97,10 @@ CONFIGS = {
 # Every aggregator (the slow test); the default run covers a representative few above.
 for _agg in mmgrad.aggregators.NAMES:
     CONFIGS.setdefault(_agg, (lambda m, _a=_agg: _a, "multi", {}))
-FAST_CONFIGS = ["ogm", "ogmge", "ogm_update", "mmpareto", "mmpareto_accum", "mmpareto_scaler", "agm", "inforeg", "upgrad", "mgda",
-                "pcgrad", "cagrad", "graddrop"]
+FAST_CONFIGS = ["ogm", "ogmge", "ogm_update", "ogm_sync_mid", "mmpareto", "mmpareto_accum", "mmpareto_scaler", "agm",
+                "inforeg", "upgrad", "mgda", "pcgrad", "cagrad", "graddrop"]
 FSDP_CONFIGS = ["ogm", "ogmge", "mmpareto", "agm", "inforeg", "upgrad", "graddrop"]
-LOCAL_CONFIGS = ["ogmge", "mmpareto", "upgrad"]
+LOCAL_CONFIGS = ["ogmge", "ogmge_inf", "mmpareto", "mmpareto_scaler", "upgrad"]
 DIM1_CONFIGS = ["ogmge", "mmpareto", "graddrop"]  # FSDP2 with Shard(1) where it divides evenly
 
 
@@ -149,13 +153,17 @@ def train(name, model, forward, opt, lo, hi, world):
             opt.set_epoch(t)
         opt.zero_grad()
         scaler = opt.grad_scaler
-        for a, v, y in micro_batches:
+        for i, (a, v, y) in enumerate(micro_batches):
             out, split, uni = forward(a[lo:hi], v[lo:hi])
             with CommRecorder() as rec:
                 backward(opt, kind, out, split, uni, y[lo:hi], scaler.scale if scaler else (lambda loss: loss))
             comm["backward"].append(rec.ops)
+            if options.get("sync_mid") and i == 0:
+                opt.synchronize()
         with CommRecorder() as rec:
             if scaler is None:
+                if options.get("inf_row") and t == 1 and (lo == B or hi - lo == world * B):
+                    opt._buffer.row(0)[0] = float("inf")
                 opt.step()
             else:
                 if t == 1 and (lo == B or hi - lo == world * B):  # rank 1, or the single process
@@ -249,6 +257,7 @@ def _run_rank(scenario, name, rank, world):
         "segments": len(opt._buffer.params),
         "shard_dims": [pl.dim for p in opt._buffer.params for pl in getattr(p, "placements", ()) if pl.is_shard()],
         "others": sum(p.numel() for p in opt._sync.others),
+        "method_state": opt.method.state_dict(),
     }
 
 
@@ -387,10 +396,16 @@ def test_local_modes_keep_ranks_in_step_with_one_gradient_reduction(mode):
     results = scenario(mode, 2)
     for name in LOCAL_CONFIGS:
         _check_ranks_agree(results, name)
+        for key, value in results[0][name]["method_state"].items():  # a skipped step's too
+            other = results[1][name]["method_state"][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other, key
         res = results[0][name]
         P = res["P_local"]
-        for ops in res["comm"]["step"]:
+        for t, ops in enumerate(res["comm"]["step"]):
             big = [n[0] for _, n in ops if n[0] >= P]
+            if name == "mmpareto_scaler" and t == 1:  # the scaler skipped opt.step() on every rank
+                assert big == [], f"{name}: a rank stepped into the edit at the skipped step"
+                continue
             assert big == [P], f"{name}: one all-reduce of the edited row, not K rows ({big})"
 
 
