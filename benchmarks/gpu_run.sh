@@ -35,7 +35,7 @@ timeout "$T" python3 -m pytest -q -p no:cacheprovider \
   tests/test_cuda.py tests/test_cuda_kernels.py tests/test_triton_solvers.py \
   tests/test_triton_graddrop.py tests/test_triton_backend.py tests/test_ops.py \
   tests/test_aggregators.py \
-  tests/test_reliability.py tests/test_philox_uniform.py tests/test_opm.py \
+  tests/test_reliability.py tests/test_philox_uniform.py tests/test_opm.py tests/test_crmt.py \
   -k "cuda or CUDA or gpu or GPU or sync or triton" 2>&1 | tee "$OUT/tests.txt" | tail -40
 B=${BENCH_SECONDS:-240}
 [ "$B" = 0 ] && exit 0
