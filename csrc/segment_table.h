@@ -3,6 +3,10 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <utility>
+#include <vector>
+
 namespace mmgrad {
 
 // float64 for float64 data, float32 for the 16- and 32-bit float dtypes.
@@ -25,6 +29,23 @@ inline void check_segment_table(const at::Tensor& offsets, const at::Tensor& num
   TORCH_CHECK(offsets.numel() == numels.numel(), op,
               ": offsets and numels must have the same length, got ", offsets.numel(), " and ",
               numels.numel());
+}
+
+// Throws if two non-empty segments of a table (host arrays of S entries) overlap: an op that
+// writes them would depend on thread timing.
+inline void check_disjoint_segments(const int64_t* off, const int64_t* num, int64_t S, const char* op) {
+  std::vector<std::pair<int64_t, int64_t>> spans;  // (offset, segment) of the non-empty ones
+  spans.reserve(S);
+  for (int64_t s = 0; s < S; ++s) {
+    if (num[s] > 0) spans.emplace_back(off[s], s);
+  }
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); ++i) {
+    const int64_t prev = spans[i - 1].second, cur = spans[i].second;
+    TORCH_CHECK(off[cur] >= off[prev] + num[prev], op, ": segments ", prev, " and ", cur,
+                " overlap ([", off[prev], ", ", off[prev] + num[prev], ") and [", off[cur], ", ",
+                off[cur] + num[cur], "))");
+  }
 }
 
 }  // namespace mmgrad

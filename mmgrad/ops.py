@@ -432,6 +432,9 @@ def _check_table(offsets: torch.Tensor, numels: torch.Tensor, device: torch.devi
         raise ValueError("offsets and numels must be 1-D tensors of equal length")
     if offsets.device != device or numels.device != device:
         raise ValueError(f"the segment table must be on {device}, like the data")
+    for t, name in ((offsets, "offsets"), (numels, "numels")):
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got {t.dtype}")
     return offsets.to(torch.int64).contiguous(), numels.to(torch.int64).contiguous()
 
 
@@ -510,8 +513,22 @@ def segment_combine_(
     if weights.shape != (offsets.shape[0], J.shape[0]):
         raise ValueError(f"weights must have shape ({offsets.shape[0]}, {J.shape[0]}), got {tuple(weights.shape)}")
     weights = weights.to(device=J.device, dtype=reference.accumulation_dtype(J.dtype)).contiguous()
-    _segment_combine_op(out, J, offsets, numels, weights, backend)
+    if _overlaps_but_is_not_a_row(out, J):  # the kernels read each column before writing only a row
+        result = out.clone()
+        _segment_combine_op(result, J, offsets, numels, weights, backend)
+        out.copy_(result)
+    else:
+        _segment_combine_op(out, J, offsets, numels, weights, backend)
     return out
+
+
+def _overlaps_but_is_not_a_row(out: torch.Tensor, J: torch.Tensor) -> bool:
+    """Whether ``out`` shares memory with ``J`` other than as exactly one of its rows."""
+    if not out.numel() or out.untyped_storage().data_ptr() != J.untyped_storage().data_ptr():
+        return False
+    step = J.stride(0) * J.element_size()
+    shift = out.data_ptr() - J.data_ptr()
+    return not (J.stride(1) == 1 and step > 0 and shift % step == 0 and 0 <= shift // step < J.shape[0])
 
 
 def segment_scale_(

@@ -74,8 +74,14 @@ def combine(J: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w.to(acc) @ J.to(acc)).to(J.dtype)
 
 
-def _segments(offsets: torch.Tensor, numels: torch.Tensor):
-    return zip(offsets.tolist(), numels.tolist())
+def _segments(offsets: torch.Tensor, numels: torch.Tensor, length: int):
+    """The (offset, numel) pairs, each checked to lie in a buffer of ``length`` elements (a
+    negative offset would wrap round in a Python slice, an overlong segment be clipped)."""
+    pairs = list(zip(offsets.tolist(), numels.tolist()))
+    for s, (start, n) in enumerate(pairs):
+        if start < 0 or n < 0 or start + n > length:
+            raise ValueError(f"segment {s} (offset {start}, numel {n}) lies outside the buffer of {length} elements")
+    return pairs
 
 
 def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -> torch.Tensor:
@@ -86,7 +92,7 @@ def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor
     """
     acc = accumulation_dtype(x.dtype)
     out = torch.zeros(offsets.numel(), 2, dtype=acc, device=x.device)
-    for s, (start, n) in enumerate(_segments(offsets, numels)):
+    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
         seg = x[start : start + n].to(acc)
         out[s, 0] = seg.sum()
         out[s, 1] = (seg * seg).sum()
@@ -103,7 +109,7 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -
     acc = accumulation_dtype(J.dtype)
     K = J.shape[0]
     out = torch.zeros(offsets.numel(), K, K, dtype=acc, device=J.device)
-    for s, (start, n) in enumerate(_segments(offsets, numels)):
+    for s, (start, n) in enumerate(_segments(offsets, numels, J.shape[1])):
         block = J[:, start : start + n].to(acc)
         out[s] = block @ block.T
     return out
@@ -120,7 +126,7 @@ def segment_combine_(
     """
     acc = accumulation_dtype(J.dtype)
     weights = weights.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels)):
+    for s, (start, n) in enumerate(_segments(offsets, numels, J.shape[1])):
         if n == 0:
             continue
         out[start : start + n].copy_(weights[s] @ J[:, start : start + n].to(acc))
@@ -144,7 +150,7 @@ def segment_scale_(
     scale = scale.to(acc)
     if noise_std is not None:
         noise_std = noise_std.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels)):
+    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
         if n == 0:
             continue
         seg = x[start : start + n]
@@ -169,7 +175,7 @@ def segment_lerp_(
     """
     acc = accumulation_dtype(x.dtype)
     weight = weight.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels)):
+    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
         if n == 0:
             continue
         xs = x[start : start + n]

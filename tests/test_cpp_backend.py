@@ -344,6 +344,16 @@ def test_segment_errors():
         C.segment_scale_(x, torch.tensor([0, 5]), torch.tensor([10, 10]), one, None, None)
     with pytest.raises(RuntimeError, match="overlap"):
         C.segment_lerp_(x, x.clone(), torch.tensor([5, 0]), torch.tensor([10, 10]), one)
+    # the column ops: overlapping written segments, and an offset whose sum with numel overflows
+    J2 = torch.randn(2, 40000)
+    with pytest.raises(RuntimeError, match="overlap"):
+        C.segment_combine_(torch.zeros(40000), J2, torch.tensor([0, 0]), torch.tensor([40000, 40000]),
+                           torch.ones(2, 2))
+    huge = torch.tensor([2**63 - 1])
+    with pytest.raises(RuntimeError, match="lies outside"):
+        C.segment_gram(J2, huge, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="lies outside"):
+        C.segment_combine_(torch.zeros(40000), J2, huge, torch.tensor([1]), torch.ones(1, 2))
     with pytest.raises(RuntimeError, match="scale must have shape"):
         C.segment_scale_(x, o, n, torch.ones(3), None, None)
     with pytest.raises(RuntimeError, match="accumulation dtype"):

@@ -328,6 +328,30 @@ def test_segment_combine_matches_float64_reference(case, dtype, K, into_row):
     assert ((out.cpu().double() - expected).abs() <= OUT_TOL[dtype] * bound + 1e-300).all()
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_segment_combine_into_an_out_that_overlaps_J_other_than_as_a_row(case):
+    device, backend = case
+    base = torch.randn(2 * 500 + 1, dtype=torch.float64).to(device)
+    J = base[:1000].view(2, 500)
+    out = base[1:501]  # shares J's memory, shifted by one element: not a row
+    offsets, numels = ops.table([200, 300], device)
+    W = torch.randn(2, 2, dtype=torch.float64).to(device)
+    expected = reference.segment_combine_(out.cpu().clone(), J.cpu().clone(), offsets.cpu(), numels.cpu(), W.cpu())
+    ops.segment_combine_(out, J, offsets, numels, W, backend=backend)
+    torch.testing.assert_close(out.cpu(), expected)
+
+
+def test_segment_tables_are_checked_on_every_backend():
+    x = torch.arange(10.0)
+    for backend in ("reference", "cpp"):
+        with pytest.raises((ValueError, RuntimeError), match="outside|negative"):
+            ops.segment_scale_(x.clone(), torch.tensor([-3]), torch.tensor([2]), torch.zeros(1), backend=backend)
+        with pytest.raises((ValueError, RuntimeError), match="outside|past the end"):
+            ops.segment_moments(x, torch.tensor([8]), torch.tensor([5]), backend=backend)
+    with pytest.raises(ValueError, match="integer tensor"):
+        ops.segment_moments(x, torch.tensor([0.9]), torch.tensor([4.5]))
+
+
 # --- torch.library contract -------------------------------------------------------------------
 
 

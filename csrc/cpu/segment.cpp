@@ -83,21 +83,7 @@ Table make_table(const at::Tensor& offsets, const at::Tensor& numels, int64_t N,
     t.total += num[s];
   }
   t.seg_first[S] = static_cast<int64_t>(t.chunks.size());
-  if (require_disjoint && S > 1) {
-    // Overlapping segments would make the in-place update depend on thread timing.
-    std::vector<std::pair<int64_t, int64_t>> spans;
-    spans.reserve(S);
-    for (int64_t s = 0; s < S; ++s) {
-      if (num[s] > 0) spans.emplace_back(off[s], s);
-    }
-    std::sort(spans.begin(), spans.end());
-    for (size_t i = 1; i < spans.size(); ++i) {
-      const int64_t prev = spans[i - 1].second, cur = spans[i].second;
-      TORCH_CHECK(off[cur] >= off[prev] + num[prev], op, ": segments ", prev, " and ", cur,
-                  " overlap ([", off[prev], ", ", off[prev] + num[prev], ") and [", off[cur],
-                  ", ", off[cur] + num[cur], "))");
-    }
-  }
+  if (require_disjoint) check_disjoint_segments(off, num, S, op);
   return t;
 }
 
