@@ -523,8 +523,12 @@ def segment_combine_(
 
 
 def _overlaps_but_is_not_a_row(out: torch.Tensor, J: torch.Tensor) -> bool:
-    """Whether ``out`` shares memory with ``J`` other than as exactly one of its rows."""
-    if not out.numel() or out.untyped_storage().data_ptr() != J.untyped_storage().data_ptr():
+    """Whether ``out`` shares memory with ``J`` other than as exactly one of its rows. (Not
+    checked inside a ``torch.compile`` trace, which cannot read storage pointers: there ``out``
+    must be a row of ``J`` or apart from it, as the edits' own calls are.)"""
+    if torch.compiler.is_compiling() or not out.numel():
+        return False
+    if out.untyped_storage().data_ptr() != J.untyped_storage().data_ptr():
         return False
     step = J.stride(0) * J.element_size()
     shift = out.data_ptr() - J.data_ptr()
