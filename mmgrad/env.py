@@ -59,7 +59,8 @@ def report() -> str:
             picked = ops.resolve_backend(torch.device(device))
         except RuntimeError as exc:  # MMGRAD_BACKEND forces one that cannot serve this device
             picked = f"none: {exc}"
-        lines.append(f"backends for {device} tensors ({'MMGRAD_BACKEND' if os.environ.get('MMGRAD_BACKEND') else 'auto'} picks: {picked}):")
+        chooser = "MMGRAD_BACKEND" if os.environ.get("MMGRAD_BACKEND") else "auto"
+        lines.append(f"backends for {device} tensors ({chooser} picks: {picked}):")
         for name, why in ops.available_backends(device).items():
             lines.append(f"  {name:<10} {'available' if why is None else 'unavailable: ' + why}")
     return "\n".join(lines)

@@ -349,10 +349,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     def _row_scale(self) -> torch.Tensor:
         one = torch.ones((), device=self._buffer.device, dtype=torch.float32)
-        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+        scaler = self._enabled_grad_scaler()
+        if scaler is None:
             return one
         # GradScaler.scale() of a one is the current scale as a device tensor (no host sync).
-        return 1.0 / self.grad_scaler.scale(one)
+        return 1.0 / scaler.scale(one)
+
+    def _enabled_grad_scaler(self) -> Optional["torch.amp.GradScaler"]:
+        scaler = self.grad_scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def _local_finite(self, others: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
         """Device bool: this rank's gradients are finite (the rows only when the method does not
@@ -400,7 +405,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         would see this rank's gradients only, and a rank whose were finite would step into the
         edit's collectives while another skipped. Where the ranks agreed on "not finite", one
         element of the first modality gradient becomes NaN on every rank: every scaler skips."""
-        if self.grad_scaler is None or not self.grad_scaler.is_enabled():
+        if self._enabled_grad_scaler() is None:
             return
         grad = next((p.grad for p in self._buffer.params if p.grad is not None), None)
         if grad is None:
@@ -413,8 +418,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         optimizer, so that ``scaler.update()`` backs off. Its own check saw ``.grad`` only, not
         the rows kept apart (MMPareto's multimodal row, the other objectives' rows). A device op
         on GradScaler's per-optimizer record (private, stable since torch 1.6)."""
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
+        scaler = self._enabled_grad_scaler()
+        if scaler is None:
             return
         found = getattr(scaler, "_per_optimizer_states", {}).get(id(self), {}).get("found_inf_per_device")
         if not found:  # step() called outside scaler.step(): nothing to report to
@@ -456,8 +461,10 @@ class BalancedOptimizer(torch.optim.Optimizer):
         module that was frozen then and trains now is not balanced. Checked at ``set_epoch``."""
         known = {id(p) for p in self._buffer.params}
         for name, module in self._modality_modules.items():
+            if name in self._warned_unfrozen:
+                continue
             late = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in known]
-            if late and name not in self._warned_unfrozen:
+            if late:
                 self._warned_unfrozen.add(name)
                 warnings.warn(
                     f"modality {name!r} has {len(late)} trainable parameter(s) that were frozen when the "

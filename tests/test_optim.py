@@ -431,8 +431,7 @@ def test_zeroing_through_the_model_or_the_wrapped_optimizer_equals_opt_zero_grad
             {"opt": opt.zero_grad, "model": model.zero_grad, "inner": inner.zero_grad,
              "in place": lambda: model.zero_grad(set_to_none=False)}[zero]()
             if name in ("upgrad", "nash_mtl"):
-                out, _, uni = model(xs)
-                opt.backward([F.cross_entropy(out, y)] + [F.cross_entropy(uni[m], y) for m in model.names])
+                _multi_objective_step(opt, model, xs, y)
             else:
                 train_step(opt, model, xs, y, kind(name))
             opt.step()

@@ -87,12 +87,18 @@ def jacobi_eigh(A: torch.Tensor, sweeps: int = JACOBI_SWEEPS) -> tuple[torch.Ten
     return lam[order], V[:, order]
 
 
+def check_eig(eig: str) -> str:
+    """``eig`` if it names an eigen method of :func:`sym_eig`, else a ValueError."""
+    if eig not in ("auto", "lapack", "jacobi"):
+        raise ValueError(f"eig must be 'auto', 'lapack' or 'jacobi', got {eig!r}")
+    return eig
+
+
 def sym_eig(A: torch.Tensor, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``eigh`` that never synchronises: LAPACK on the CPU, :func:`jacobi_eigh` elsewhere
     (``method`` = ``"auto"`` | ``"lapack"`` | ``"jacobi"``). (Where the Triton backend serves G,
     the methods that use it run whole in one kernel instead: ``base.use_triton_eager``.)"""
-    if method not in ("auto", "lapack", "jacobi"):
-        raise ValueError(f"unknown eigen method {method!r}")
+    check_eig(method)
     if method == "lapack" or (method == "auto" and A.device.type == "cpu"):
         return torch.linalg.eigh(A)
     return jacobi_eigh(A)

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._linalg import JACOBI_SWEEPS, sym_eig
-from .base import Aggregator, _PrefMixin, check_eig, check_gram, normalized, use_triton_eager
+from ._linalg import JACOBI_SWEEPS, check_eig, sym_eig
+from .base import Aggregator, _PrefMixin, check_gram, normalized, use_triton_eager
 
 
 class AlignedMTL(_PrefMixin, Aggregator):

@@ -18,7 +18,6 @@ Solver rules shared by every method (tested in ``tests/test_aggregators.py``):
 from __future__ import annotations
 
 import math
-
 import os
 from typing import Any, Optional, Sequence
 
@@ -143,12 +142,6 @@ def check_option(name: str, value, minimum: float | None = None, maximum: float 
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
     return value
-
-
-def check_eig(eig: str) -> str:
-    if eig not in ("auto", "lapack", "jacobi"):
-        raise ValueError(f"eig must be 'auto', 'lapack' or 'jacobi', got {eig!r}")
-    return eig
 
 
 def check_gram(G: torch.Tensor) -> None:

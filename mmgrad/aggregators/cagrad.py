@@ -98,10 +98,10 @@ class CAGrad(_PrefMixin, Aggregator):
     (official code's ``rescale=1``; torchjd does not rescale either). ``c`` defaults to 0.5
     (LibMTL / nash-mtl; torchjd has no default, the official NYUv2 run uses 0.4).
 
-    Solver: :func:`cagrad_dual` (budget ``iters``, default :func:`~mmgrad.aggregators._qp.default_iters`; one Triton kernel on
-    GPUs for K <= 64, torch ops beyond, C++ on the CPU) where torchjd calls cvxpy + Clarabel on the
-    CPU. Norms are computed on the
-    trace-normalised ``G`` (as torchjd, which normalises by the trace too), but the normalisation
+    Solver: :func:`cagrad_dual` (budget ``iters``, default
+    :func:`~mmgrad.aggregators._qp.default_iters`; one Triton kernel on GPUs for K <= 64, torch ops
+    beyond, C++ on the CPU) where torchjd calls cvxpy + Clarabel on the CPU. Norms are computed on
+    the trace-normalised ``G`` (as torchjd, which normalises by the trace too), but the normalisation
     itself has no threshold here (torchjd zeroes ``G`` when its trace is below ``norm_eps`` and
     then returns zero weights). A float32 / half ``G`` gets
     :func:`~mmgrad.aggregators.base.rounding_ridge` on the diagonal (its rounding makes a

@@ -6,8 +6,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, _PrefMixin, check_eig, check_gram, check_option, normalized, use_triton_eager
+from ._linalg import JACOBI_SWEEPS, check_eig, pinv_apply
+from .base import Aggregator, _PrefMixin, check_gram, check_option, normalized, use_triton_eager
 
 
 class ConFIG(_PrefMixin, Aggregator):

@@ -40,8 +40,8 @@ class UPGrad(_DualConeBase):
     ``reg_eps * I`` with ``reg_eps = 1e-4`` added). The K QPs are solved by the pivoting active-set
     method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` iterations
     (default ``min(100, 4 K + 8)``, :func:`~mmgrad.aggregators._qp.default_iters`): one Triton
-    program per QP on GPUs (K <= 64; beyond, batched K x K torch solves); one by one on their free blocks in C++ on the CPU; both stop at the fixed
-    point. K = 2 has a closed form.
+    program per QP on GPUs (K <= 64; beyond, batched K x K torch solves); one by one on their free
+    blocks in C++ on the CPU; both stop at the fixed point. K = 2 has a closed form.
     torchjd solves them one by one with quadprog on the CPU in numpy.
 
     Deliberate difference: ``norm_eps`` defaults to 0 (torchjd: 1e-4). torchjd replaces ``G`` by

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ._linalg import JACOBI_SWEEPS, pinv_apply
-from .base import Aggregator, check_eig, check_gram, check_option, normalized, use_triton_eager
+from ._linalg import JACOBI_SWEEPS, check_eig, pinv_apply
+from .base import Aggregator, check_gram, check_option, normalized, use_triton_eager
 
 
 class IMTLG(Aggregator):
