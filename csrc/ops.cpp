@@ -31,7 +31,7 @@ TORCH_LIBRARY(mmgrad_C, m) {
   m.def(
       "project_dual_cone(Tensor G, Tensor U, int iters, float ridge, float tol, int backup) -> "
       "Tensor");
-  m.def("min_norm_simplex(Tensor G, int iters, float ridge, float tol, int backup) -> Tensor");
+  m.def("min_norm_simplex(Tensor G, int iters, float ridge, float tol) -> Tensor");
   m.def(
       "cagrad_dual(Tensor G, Tensor b, Tensor s, int iters, float ridge, float tol, int backup, "
       "float kappa_max) -> Tensor");

@@ -54,9 +54,9 @@ def test_dual_cone_matches_torch(K, kind, scale, gen):
 @pytest.mark.parametrize("K,kind,scale", CASES, ids=CASE_IDS)
 def test_min_norm_simplex_matches_torch(K, kind, scale, gen):
     Gn = _normalized(random_gram(K, kind, scale, gen))
-    iters = _qp.default_iters(K)
+    iters = _qp.min_norm_default_iters(K)
     want = _qp.min_norm_simplex_torch(Gn, iters)
-    got = C.min_norm_simplex(Gn, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP)
+    got = C.min_norm_simplex(Gn, iters, _qp.RIDGE, _qp.TOL)
     assert_rows_close(got, want, solver_tol(kind, False))
     # The min-norm point itself (Gram coordinates, trace-1 scale) is well conditioned even where
     # the weights are not.
@@ -84,7 +84,7 @@ def test_small_budgets_agree_before_convergence(K, iters, gen):
     U = torch.eye(K, dtype=F64) / K
     assert_rows_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
-    assert_rows_close(C.min_norm_simplex(Gr, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.min_norm_simplex(Gr, iters, _qp.RIDGE, _qp.TOL),
                   _qp.min_norm_simplex_torch(Gr, iters), 1e-12)
     b, s = cagrad_inputs(Gr, 0.5)
     assert_rows_close(C.cagrad_dual(Gr, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
@@ -104,7 +104,7 @@ def test_asymmetric_gram_takes_the_lu_path(K, kind, gen):
     iters = _qp.default_iters(K)
     assert_rows_close(C.project_dual_cone(Gr, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                   _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
-    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL),
                   _qp.min_norm_simplex_torch(G, iters), solver_tol(kind, False))
     b, s = cagrad_inputs(G, 0.5)
     assert_rows_close(C.cagrad_dual(G, b, s, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
@@ -121,7 +121,7 @@ def test_indefinite_faces_fall_back_to_lu(K, gen):
     G = Q @ torch.diag(lam) @ Q.T
     G = _normalized((G + G.T) / 2)
     iters = _qp.default_iters(K)
-    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+    assert_rows_close(C.min_norm_simplex(G, iters, _qp.RIDGE, _qp.TOL),
                   _qp.min_norm_simplex_torch(G, iters), 1e-12)
     U = torch.eye(K, dtype=F64) / K
     assert_rows_close(C.project_dual_cone(G, U, iters, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
@@ -155,7 +155,7 @@ def test_functions_route_by_backend(monkeypatch, gen):
                       lambda: C.project_dual_cone(G, U, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
                       lambda G, U, b, s: _qp.project_dual_cone_torch(G, U)),
         "min_norm": (lambda G, U, b, s: _qp.min_norm_simplex(G),
-                     lambda: C.min_norm_simplex(G, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP),
+                     lambda: C.min_norm_simplex(G, _qp.min_norm_default_iters(K), _qp.RIDGE, _qp.TOL),
                      lambda G, U, b, s: _qp.min_norm_simplex_torch(G)),
         "cagrad": (lambda G, U, b, s: cagrad.cagrad_dual(G, b, s),
                    lambda: C.cagrad_dual(G, b, s, it, _qp.RIDGE, _qp.TOL, _qp.BACKUP, cagrad._KAPPA_MAX),
@@ -192,11 +192,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(RuntimeError, match="G must be float64"):
         C.project_dual_cone(G.float(), U, 5, *args)
     with pytest.raises(RuntimeError, match="square"):
-        C.min_norm_simplex(torch.ones(3, 2, dtype=F64), 5, *args)
+        C.min_norm_simplex(torch.ones(3, 2, dtype=F64), 5, *args[:2])
     with pytest.raises(RuntimeError, match=r"U must have shape \(B, 3\)"):
         C.project_dual_cone(G, torch.ones(2, 4, dtype=F64), 5, *args)
     with pytest.raises(RuntimeError, match="iters must be non-negative"):
-        C.min_norm_simplex(G, -1, *args)
+        C.min_norm_simplex(G, -1, *args[:2])
     with pytest.raises(RuntimeError, match=r"b must have shape \(3,\)"):
         C.cagrad_dual(G, torch.ones(2, dtype=F64), torch.tensor(0.5, dtype=F64), 5, *args, 1e8)
     with pytest.raises(RuntimeError, match="s must be a float64 CPU tensor with one element"):

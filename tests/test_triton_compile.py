@@ -37,7 +37,8 @@ def kernels():
     qp = {"K": "i32", "iters": "i32", "RIDGE": "constexpr", "TOL": "constexpr",
           "BACKUP": "constexpr", "KP": "constexpr"}
     dual_cone = {"G_ptr": "*fp64", "U_ptr": "*fp64", "out_ptr": "*fp64", **qp}
-    min_norm = {"G_ptr": "*fp64", "out_ptr": "*fp64", **qp}
+    min_norm = {"G_ptr": "*fp64", "out_ptr": "*fp64",
+                **{k: v for k, v in qp.items() if k != "BACKUP"}}
     cagrad = {"G_ptr": "*fp64", "b_ptr": "*fp64", "s_ptr": "*fp64", "out_ptr": "*fp64", **qp,
               "KAPPA_MAX": "constexpr"}
     nash = {"G_ptr": "*fp64", "a0_ptr": "*fp64", "out_ptr": "*fp64", "K": "i32", "iters": "i32",
@@ -65,7 +66,8 @@ def kernels():
         for name, fn, sig in (("dual_cone", S._dual_cone_kernel, dual_cone),
                               ("min_norm", S._min_norm_kernel, min_norm),
                               ("cagrad", S._cagrad_kernel, cagrad)):
-            constants = {**qp_constants, "KP": KP}
+            constants = {k: v for k, v in qp_constants.items() if k in sig}
+            constants["KP"] = KP
             if name == "cagrad":
                 constants["KAPPA_MAX"] = 1e8
             out.append((name, fn, sig, constants, S._num_warps(KP)))

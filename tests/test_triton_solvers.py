@@ -29,6 +29,7 @@ KINDS = ("full", "low_rank", "zero_rows", "duplicates", "near_parallel", "float3
 CASES = [(K, kind) for K in (1, 2, 3, 5, 8, 16) for kind in KINDS] + [(33, "low_rank"), (64, "full")]
 CASE_IDS = [f"K{K}-{kind}" for K, kind in CASES]
 ARGS = (_qp.RIDGE, _qp.TOL, _qp.BACKUP)
+MN_ARGS = (_qp.RIDGE, _qp.TOL)  # Wolfe's method has no exchange rule
 
 
 def _gram(K, kind, gen, scale=1.0):
@@ -59,9 +60,9 @@ def test_dual_cone_matches_torch(K, kind, gen):
 @pytest.mark.parametrize("K,kind", CASES, ids=CASE_IDS)
 def test_min_norm_simplex_matches_torch(K, kind, gen):
     Gn = _gram(K, kind, gen)
-    iters = _qp.default_iters(K)
+    iters = _qp.min_norm_default_iters(K)
     want = _qp.min_norm_simplex_torch(Gn, iters)
-    got = solvers.min_norm_simplex(Gn.to(DEV), iters, *ARGS).cpu()
+    got = solvers.min_norm_simplex(Gn.to(DEV), iters, *MN_ARGS).cpu()
     assert_rows_close(got, want, solver_tol(kind, False))
     assert (Gn @ got - Gn @ want).abs().max() <= 1e-14  # the min-norm point itself
 
@@ -97,7 +98,7 @@ def test_small_budgets_agree_before_convergence(iters, gen):
     U = torch.eye(K, dtype=F64)[:3] / K
     assert_rows_close(solvers.project_dual_cone(Gr.to(DEV), U.to(DEV), iters, *ARGS).cpu(),
                       _qp.project_dual_cone_torch(Gr, U, iters), 1e-12)
-    assert_rows_close(solvers.min_norm_simplex(Gr.to(DEV), iters, *ARGS).cpu(),
+    assert_rows_close(solvers.min_norm_simplex(Gr.to(DEV), iters, *MN_ARGS).cpu(),
                       _qp.min_norm_simplex_torch(Gr, iters), 1e-12)
     b, s = cagrad_inputs(Gr, 0.5)
     assert_rows_close(
@@ -120,7 +121,7 @@ def test_asymmetric_and_indefinite_grams(gen):
         U = torch.eye(K, dtype=F64) / K
         assert_rows_close(solvers.project_dual_cone(M.to(DEV), U.to(DEV), 8, *ARGS).cpu(),
                           _qp.project_dual_cone_torch(M, U, 8), 1e-12)
-        assert_rows_close(solvers.min_norm_simplex(M.to(DEV), 8, *ARGS).cpu(),
+        assert_rows_close(solvers.min_norm_simplex(M.to(DEV), 8, *MN_ARGS).cpu(),
                           _qp.min_norm_simplex_torch(M, 8), 1e-12)
         b, s = cagrad_inputs(M, 0.5)
         assert_rows_close(
@@ -137,7 +138,7 @@ def test_non_finite_gram_gives_nan_weights():
     G, U = G.to(DEV), torch.eye(K, dtype=F64, device=DEV) / K
     assert solvers.project_dual_cone(G, U, 7, *ARGS).isnan().all()
     assert torch.equal(solvers.project_dual_cone(G, U, 0, *ARGS), U)
-    assert solvers.min_norm_simplex(G, 7, *ARGS).isnan().all()
+    assert solvers.min_norm_simplex(G, 7, *MN_ARGS).isnan().all()
     b = torch.ones(K, dtype=F64, device=DEV)
     s = torch.tensor(0.5, dtype=F64, device=DEV)
     assert solvers.cagrad_dual(G, b, s, 7, *ARGS, cagrad._KAPPA_MAX).isnan().all()
@@ -284,7 +285,7 @@ def test_kernels_are_sync_free_and_graph_capturable(gen):
     U = torch.eye(K, dtype=F64, device="cuda") / K
     b, s = cagrad_inputs(G, 0.5)
     order = torch.rand(K, K, device="cuda").argsort(1)
-    run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *ARGS),  # noqa: E731
+    run = lambda: (solvers.project_dual_cone(G, U, 14, *ARGS), solvers.min_norm_simplex(G, 14, *MN_ARGS),  # noqa: E731
                    solvers.cagrad_dual(G, b, s, 14, *ARGS, cagrad._KAPPA_MAX),
                    solvers.pinv_weights(G, None, 1e-14, _linalg.JACOBI_SWEEPS),
                    solvers.aligned_weights(G, U[0], 1e-14, 1, _linalg.JACOBI_SWEEPS),

@@ -1,16 +1,17 @@
-// CPU primal-dual active-set solvers of the aggregators' small QPs: the dual-cone projection
-// (UPGrad, DualProj), the min-norm point of the simplex (MGDA) and the CAGrad dual
-// (mmgrad.aggregators._qp.project_dual_cone / min_norm_simplex, cagrad.cagrad_dual).
+// CPU solvers of the aggregators' small QPs: the dual-cone projection (UPGrad, DualProj) and the
+// CAGrad dual by a primal-dual active-set method, the min-norm point of the simplex (MGDA) by
+// Wolfe's method (mmgrad.aggregators._qp.project_dual_cone / min_norm_simplex,
+// cagrad.cagrad_dual).
 //
-// Same start, same exchange rule (_exchange: Judice & Pires block pivoting with Murty's backup),
-// same budget, ridge, tolerance and final clamp as the torch solvers, with two differences that do
-// not change the result beyond rounding:
+// Same start, same rules (for the active-set solvers _exchange: Judice & Pires block pivoting with
+// Murty's backup), same budget, ridge, tolerance and final clamp as the torch solvers, with two
+// differences that do not change the result beyond rounding:
 //  * the torch face system is G + ridge I on the free block and the identity elsewhere; only the
 //    free block is factored here (the fixed coordinates of the solution are the right-hand side);
 //  * the torch solvers always run the whole budget because a branch on a tensor would synchronise
-//    a GPU stream. Here an iteration that exchanges nothing ends the loop: the face, and so the
-//    solve and the next multipliers, would repeat exactly, so the iterate is already the one the
-//    torch loop returns.
+//    a GPU stream. Here the loop ends once an iteration would change nothing (an exchange of
+//    nothing, Wolfe's stop): the face, and so the solve and the next multipliers, would repeat
+//    exactly, so the iterate is already the one the torch loop returns.
 // Free blocks of an exactly symmetric G are factored by Cholesky; a non-positive pivot (a face that
 // is indefinite by rounding, e.g. near-parallel rows of a float32 Gram) or a G that is not exactly
 // symmetric falls back to LU with partial pivoting, the factorisation the torch solve uses.
@@ -359,38 +360,82 @@ at::Tensor project_dual_cone(const at::Tensor& G_in, const at::Tensor& U_in, int
   return out;
 }
 
-// argmin_{a in simplex} a^T G a: on the face with free set F, a_F = p / sum(p) with
-// (G_FF + ridge I) p = 1, nu = 1 / sum(p), multipliers mu_A = (G a)_A - nu.
-at::Tensor min_norm_simplex(const at::Tensor& G_in, int64_t iters, double ridge, double tol,
-                            int64_t backup) {
+constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// The lowest index i with v[i] <= min(v) + tol (_qp._first_least).
+int64_t first_least(const double* v, int64_t K, double tol) {
+  double least = kInf;
+  for (int64_t i = 0; i < K; ++i) least = std::min(least, v[i]);
+  int64_t i = 0;
+  while (i + 1 < K && !(v[i] <= least + tol)) ++i;
+  return i;
+}
+
+// argmin_{a in simplex} a^T G a by Wolfe's minimum-norm-point method, step for step as
+// mmgrad.aggregators._qp.min_norm_simplex_torch (which documents it); here the loop ends when the
+// torch loop would stop changing the iterate. On the support S, y_S = p / sum(p) with
+// (G_SS + ridge I) p = 1; a major step (y_S > 0) moves to y and adds the outside vertex of least
+// (G y)_i when that lowers the norm by more than tol, a minor step moves towards y until the
+// first coordinate reaches 0 and drops it.
+at::Tensor min_norm_simplex(const at::Tensor& G_in, int64_t iters, double ridge, double tol) {
   const char* op = "mmgrad_C::min_norm_simplex";
   const at::Tensor G = checked_gram(G_in, op);
   const int64_t K = G.size(0);
-  const Budget budget = checked_budget(iters, ridge, tol, backup, op);
+  const Budget budget = checked_budget(iters, ridge, tol, 0, op);
   const double* g = G.data_ptr<double>();
+  if (budget.iters > 0 && !all_finite(g, K * K))
+    return at::full({K}, std::numeric_limits<double>::quiet_NaN(), G.options());
   FaceSolver face(g, K, exactly_symmetric(g, K), ridge);
-  std::vector<double> a(K, 1.0 / static_cast<double>(K)), p(K);
-  std::vector<int64_t> free(K);
-  std::vector<uint8_t> tight(K, 0), infeasible(K);
-  Pivoting pivoting(K, budget.backup);
+  std::vector<double> x(K, 0.0), y(K), p(K), Gy(K), ratio(K);
+  for (int64_t i = 0; i < K; ++i) ratio[i] = g[i * K + i];
+  const int64_t first = first_least(ratio.data(), K, budget.tol);
+  std::vector<int64_t> support(K);
+  std::vector<uint8_t> outside(K, 1);
+  x[first] = 1.0;
+  outside[first] = 0;
   for (int64_t it = 0; it < budget.iters; ++it) {
-    const int64_t n = free_set(tight.data(), K, free.data());
+    const int64_t n = free_set(outside.data(), K, support.data());
     std::fill(p.begin(), p.begin() + n, 1.0);
-    face.factor(free.data(), n);
+    face.factor(support.data(), n);
     face.solve(p.data());
-    double s = 0.0;
-    for (int64_t r = 0; r < n; ++r) s += p[r];
-    if (!(s > 0.0)) s = 1.0;
-    std::fill(a.begin(), a.end(), 0.0);
-    for (int64_t r = 0; r < n; ++r) a[free[r]] = p[r] / s;
-    if (it + 1 == budget.iters) break;
-    const double nu = 1.0 / s;
-    for (int64_t i = 0; i < K; ++i)
-      infeasible[i] =
-          tight[i] ? dot(g + i * K, a.data(), K) - nu < -budget.tol : a[i] < -budget.tol;
-    if (!pivoting.exchange(infeasible.data(), tight.data(), K)) break;
+    double total = 0.0;
+    for (int64_t r = 0; r < n; ++r) total += p[r];
+    if (!(total > 0.0)) break;
+    std::fill(y.begin(), y.end(), 0.0);
+    bool major = true;
+    for (int64_t r = 0; r < n; ++r) {
+      y[support[r]] = p[r] / total;
+      major = major && y[support[r]] > 0.0;
+    }
+    if (major) {
+      for (int64_t i = 0; i < K; ++i) Gy[i] = dot(g + i * K, y.data(), K);
+      const double norm = dot(y.data(), Gy.data(), K);
+      double least = kInf;
+      for (int64_t i = 0; i < K; ++i) {
+        if (!outside[i]) Gy[i] = kInf;
+        least = std::min(least, Gy[i]);
+      }
+      x = y;
+      if (!(norm - least > budget.tol)) break;
+      outside[first_least(Gy.data(), K, budget.tol)] = 0;
+      continue;
+    }
+    double theta = kInf;
+    for (int64_t i = 0; i < K; ++i) {
+      ratio[i] = !outside[i] && !(y[i] > 0.0) ? x[i] / (x[i] - y[i]) : kInf;
+      theta = std::min(theta, ratio[i]);
+    }
+    const int64_t leave = first_least(ratio.data(), K, budget.tol);
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t i = support[r];
+      x[i] += theta * (y[i] - x[i]);
+      if (x[i] <= 0.0 || i == leave) {
+        x[i] = 0.0;
+        outside[i] = 1;
+      }
+    }
   }
-  return normalized_on_simplex(a, G.options());
+  return normalized_on_simplex(x, G.options());
 }
 
 // argmin_{w in simplex} b^T w + s |g_w| (the CAGrad dual). On the face with free set F, with

@@ -36,12 +36,14 @@ class MGDA(Aggregator):
     """MGDA (Desideri 2012; Sener & Koltun 2018): weights ``argmin_{a in simplex} a^T G a``.
 
     Solver (default ``solver="exact"``): ``G`` normalised by its trace (plus
-    :func:`~mmgrad.aggregators.base.rounding_ridge` for a float32 / half ``G``), then the primal-dual
-    active-set method of :func:`mmgrad.aggregators._qp.min_norm_simplex` with a fixed budget of
-    ``iters`` masked K x K solves (default ``min(100, 4 K + 8)``,
-    :func:`~mmgrad.aggregators._qp.default_iters`), closed form for K = 2. It returns the exact
-    minimiser (KKT residual at rounding level, tested) where torchjd's Frank-Wolfe stops at a step
-    below ``epsilon`` (an approximation: the two differ by up to ~1e-2 in the weights).
+    :func:`~mmgrad.aggregators.base.rounding_ridge` for a float32 / half ``G``), then Wolfe's
+    minimum-norm-point method, :func:`mmgrad.aggregators._qp.min_norm_simplex`, with a fixed budget
+    of ``iters`` steps (default ``2 K + 8``, :func:`~mmgrad.aggregators._qp.min_norm_default_iters`;
+    it needs at most ~K), closed form for K = 2. It returns the exact minimiser (KKT residual at
+    rounding level, tested, rank-deficient Grams included) where torchjd's Frank-Wolfe stops at a
+    step below ``epsilon`` (an approximation: the two differ by up to ~1e-2 in the weights). Where
+    the minimiser is not unique (duplicate rows, or the origin inside the hull) the weights are one
+    of them; the combination ``J^T a`` is the same.
 
     ``solver="frank_wolfe"`` reproduces torchjd 0.18's ``MGDAWeighting(epsilon, max_iters)``
     (defaults 1e-3 and 100) exactly, sync-free: the early stop is a freeze mask, so it always runs

@@ -7,14 +7,15 @@ The torch solvers of :mod:`mmgrad.aggregators._qp` are sync-free but launch some
 active-set iteration (a batched LU solve among them), hundreds per call: on an H100 that made
 UPGrad's K x K solve take 0.5-19 ms, longer than torchjd's host solvers. Here one launch runs the
 whole solve. Each program owns one problem, holds the K x K matrix (K padded to a power of two
-KP <= MAX_K) in registers and runs the same primal-dual active-set iteration with the same
-exchange rule (:func:`mmgrad.aggregators._qp._exchange`), budget, ridge and tolerance. Two
-differences, neither changing the result beyond rounding:
+KP <= MAX_K) in registers and runs the same iteration (the primal-dual active-set method with the
+exchange rule of :func:`mmgrad.aggregators._qp._exchange`, or MGDA's Wolfe method), budget, ridge
+and tolerance. Two differences, neither changing the result beyond rounding:
 
 * the face system is solved by LU with partial pivoting on the tile, with the pivot rows recorded
   rather than swapped (same pivots as the torch solve; the sums in another order);
-* a program stops once an iteration exchanges nothing: the face, hence the iterate, would repeat
-  (the C++ solver stops there too). A branch inside a kernel costs no host sync.
+* a program stops once an iteration exchanges nothing (or Wolfe's method stops): the face, hence
+  the iterate, would repeat (the C++ solver stops there too). A branch inside a kernel costs no
+  host sync.
 
 Padding coordinates (K <= i < KP) are tight from the start with ``u = 0`` and identity rows, so they
 stay at 0 and never become infeasible.
@@ -171,30 +172,48 @@ def _dual_cone_kernel(G_ptr, U_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL:
 
 @triton.jit
 def _min_norm_kernel(G_ptr, out_ptr, K, iters, RIDGE: tl.constexpr, TOL: tl.constexpr,
-                     BACKUP: tl.constexpr, KP: tl.constexpr):
-    """``min_norm_simplex``: ``argmin_{a in simplex} a^T G a``, started with every coordinate
-    free; on a face ``a_F = p / sum(p)`` with ``G_FF p = 1``, multipliers ``G a - 1 / sum(p)``."""
+                     KP: tl.constexpr):
+    """``min_norm_simplex``: ``argmin_{a in simplex} a^T G a`` by Wolfe's method, step for step as
+    ``_qp.min_norm_simplex_torch`` (start at the vertex of least ``G_ii``; on the support ``S``,
+    ``y_S = p / sum(p)`` with ``G_SS p = 1``; a major step moves to ``y`` and adds the outside
+    vertex of least ``(G y)_i``, a minor step moves towards ``y`` and drops what reaches 0)."""
     ridge, tol = _f64(RIDGE), _f64(TOL)
     rows, cols, valid, G, eye = _square(G_ptr, K, KP)
     uniform = tl.where(valid, 1.0 / (K * _f64(1.0)), 0.0)  # K may be a constexpr 1
-    a = uniform
-    tight = cols >= K
-    best, tries, it, go = K + 1, BACKUP, 0, K > 0  # exchange state, iteration, not converged
+    inf = _f64(float("inf"))
+    diag = tl.where(valid, tl.sum(tl.where(eye, G, 0.0), axis=0), inf)
+    first = _first_least(diag, tol, cols, KP)
+    support = cols == first
+    x = support.to(tl.float64)
+    it, go = 0, K > 0
     while go & (it < iters):
-        free = (tight == 0) & valid
-        ones = free.to(tl.float64)
-        p, _ = _solve_face(_face_system(G, free, eye, ridge), ones, 0.0 * ones, rows, cols, KP)
-        s = tl.sum(p, axis=0)
-        s = tl.where(s > 0, s, 1.0)
-        a = p / s
-        go = it + 1 < iters
-        if go:
-            mu = tl.sum(G * a[None, :], axis=1) - 1.0 / s
-            infeasible = tl.where(tight, mu < -tol, a < -tol) & valid
-            tight, best, tries, n = _exchange(tight, infeasible, cols, best, tries, BACKUP)
-            go = n > 0
+        ones = support.to(tl.float64)
+        p, _ = _solve_face(_face_system(G, support, eye, ridge), ones, 0.0 * ones, rows, cols, KP)
+        total = tl.sum(p, axis=0)
+        solvable = total > 0
+        y = p / tl.where(solvable, total, 1.0)
+        blocking = support & ((y > 0) == 0)  # NaN blocks too, as in the torch solver
+        major = tl.sum(blocking.to(tl.int32), axis=0) == 0
+        Gy = tl.sum(G * y[None, :], axis=1)
+        outside = tl.where(support | (valid == 0), inf, Gy)
+        enter = _first_least(outside, tol, cols, KP)
+        grows = tl.sum(y * Gy, axis=0) - tl.min(outside, axis=0) > tol
+        ratio = tl.where(blocking, x / tl.where(blocking, x - y, 1.0), inf)
+        leave = _first_least(ratio, tol, cols, KP)
+        x_minor = x + tl.min(ratio, axis=0) * (y - x)
+        drop = support & ((x_minor <= 0) | (cols == leave))
+        go = solvable & ((major == 0) | grows)
+        x = tl.where(solvable, tl.where(major, y, tl.where(drop, 0.0, x_minor)), x)
+        support = tl.where(go, tl.where(major, support | (cols == enter), support & (drop == 0)),
+                           support)
         it += 1
-    tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(a, uniform), G, iters), mask=valid)
+    tl.store(out_ptr + cols, _nan_if_not_finite(_onto_simplex(x, uniform), G, iters), mask=valid)
+
+
+@triton.jit
+def _first_least(v, tol, cols, KP: tl.constexpr):
+    """The lowest index ``i`` with ``v_i <= min(v) + tol`` (``_qp._first_least``)."""
+    return tl.min(tl.where(v <= tl.min(v, axis=0) + tol, cols, KP), axis=0)
 
 
 @triton.jit
@@ -581,15 +600,13 @@ def project_dual_cone(G: torch.Tensor, U: torch.Tensor, iters: int, ridge: float
     return out
 
 
-def min_norm_simplex(G: torch.Tensor, iters: int, ridge: float, tol: float,
-                     backup: int) -> torch.Tensor:
+def min_norm_simplex(G: torch.Tensor, iters: int, ridge: float, tol: float) -> torch.Tensor:
     """``_qp.min_norm_simplex_torch`` in one program. ``G`` (K, K) float64, K <= MAX_K."""
     K = G.shape[0]
     G = G.contiguous()
     out = G.new_empty(K)
     KP = _padded(K)
-    _min_norm_kernel[(1,)](G, out, K, iters, RIDGE=ridge, TOL=tol, BACKUP=backup, KP=KP,
-                           num_warps=_num_warps(KP))
+    _min_norm_kernel[(1,)](G, out, K, iters, RIDGE=ridge, TOL=tol, KP=KP, num_warps=_num_warps(KP))
     return out
 
 
