@@ -177,6 +177,9 @@ class FlatGradBuffer:
                 view = self._views[self.active_row][index]
                 g = param.grad
                 if g is not None and g is not view:
+                    if g.is_sparse:  # e.g. nn.Embedding(sparse=True) given as a parameter list
+                        raise ValueError(f"parameter {index} of the modalities got a sparse gradient; mmgrad's "
+                                         "flat buffers need dense ones (build the embedding with sparse=False)")
                     local_tensor(view).copy_(local_tensor(g))
                     if self._retire:
                         self._retired.append(g)

@@ -407,6 +407,9 @@ def setup(optimizer, process_group=None, ddp=None, mode: str = "exact") -> Optio
             "(FSDP reduce-scatters each objective's gradient itself; the surgery adds only K x K numbers)"
         )
     if mode == "off":
+        if ddp is not None:  # DDP's own all-reduce would then run in every backward pass
+            raise ValueError("ddp= and distributed='off' contradict each other: 'off' means independent "
+                             "processes, so train the plain module (not DistributedDataParallel) and drop ddp=")
         return None
     if not (dist.is_available() and dist.is_initialized()):
         if ddp is not None:

@@ -548,7 +548,9 @@ def segment_scale_(
     """In place ``x[seg s] = scale[s] * x[seg s] + noise_std[s] * N(0, 1)``; returns ``x``.
 
     The noise is counter-based (Philox4x32-10 keyed by ``seed``, counter = element index), so the
-    same seed gives the same noise on every backend, block size and thread count. Pass ``seed`` as
+    same seed gives the same random bits on every backend, block size and thread count: bitwise
+    the same noise across block sizes and threads, and across backends to rounding (their
+    Box-Muller transforms round differently, ~1 ulp). Pass ``seed`` as
     an int64 device tensor to keep CUDA graphs replayable with fresh noise (increment it in place).
     """
     offsets, numels = _check_segments(x, offsets, numels)

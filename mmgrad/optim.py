@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
@@ -108,6 +109,7 @@ class BalancedOptimizer(torch.optim.Optimizer):
         self.nonfinite = nonfinite
         self.grad_scaler = grad_scaler
         self.epoch = 0
+        self._announced_epoch: Optional[int] = None  # the last epoch set_epoch passed to the method
         self.diagnostics: dict[str, torch.Tensor] = {}
         self._step_count = 0
         self._warned_no_grad: set[str] = set()
@@ -200,10 +202,13 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the method which epoch runs now (modulation windows, warm-ups, epoch statistics);
-        call it at the start of every epoch."""
+        call it at the start of every epoch. Announcing the current epoch again does nothing, so a
+        resumed run may start its loop with the epoch its checkpoint was taken in."""
         self.epoch = int(epoch)
         self._warn_parameters_unfrozen_since_construction()
-        self.method.on_epoch(self.epoch, self)
+        if self.epoch != self._announced_epoch:
+            self._announced_epoch = self.epoch
+            self.method.on_epoch(self.epoch, self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every gradient. The modality parameters' ``.grad`` are ``None`` until a backward pass
@@ -305,6 +310,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Host bookkeeping before the edit: check the set-up, complete the buffer rows; returns the
         gradients outside the buffer and the GradScaler's unscale factor."""
         self._check_set_up_unchanged()
+        if self.grad_scaler is None and self.method.rows > 1 and _called_by_grad_scaler():
+            raise ValueError(
+                f"scaler.step(opt) with a {type(self.method).__name__}, which keeps {self.method.rows} gradient rows "
+                "of which the GradScaler unscales only .grad: pass the scaler to the optimizer, "
+                "BalancedOptimizer(..., grad_scaler=scaler); no parameter was updated")
         # Fold in gradients a plain loss.backward() left elsewhere, zero what no backward reached.
         self._buffer.materialize()
         return self._other_grads(), self._row_scale()
@@ -505,17 +515,63 @@ class BalancedOptimizer(torch.optim.Optimizer):
             "optimizer": self.optimizer.state_dict(),
             "method": self.method.state_dict(),
             "epoch": self.epoch,
+            "announced_epoch": self._announced_epoch,
             "step": self._step_count,
+            "set_up": self._set_up(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        """Load a :meth:`state_dict`. A checkpoint of another set-up (method, aggregator, modality
+        names or their order) is refused before anything changes; if loading fails part way, the
+        wrapped optimizer and the method keep their state. Without its ``"optimizer"`` entry, the
+        wrapped optimizer is left alone (restored apart, e.g. by ``torch.distributed.checkpoint``
+        through ``opt.optimizer``)."""
+        if not isinstance(state_dict, Mapping) or "method" not in state_dict:
+            keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
+            hint = (" It looks like a plain torch optimizer's state_dict: load it with "
+                    "opt.optimizer.load_state_dict(...)." if isinstance(state_dict, Mapping)
+                    and "param_groups" in state_dict else "")
+            raise ValueError(f"not a BalancedOptimizer state_dict (keys: {keys}).{hint}")
+        saved = state_dict.get("set_up")  # absent from older checkpoints
+        if saved is not None and saved != self._set_up():
+            raise ValueError(f"this checkpoint was saved by a BalancedOptimizer set up as {saved}; "
+                             f"this one is {self._set_up()}: build the optimizer as the saved run did")
+        optimizer_before, method_before = self.optimizer.state_dict(), self.method.state_dict()
+        try:
+            self.method.load_state_dict(state_dict["method"])
+            if "optimizer" in state_dict:
+                self.optimizer.load_state_dict(state_dict["optimizer"])
+        except BaseException:
+            self.method.load_state_dict(method_before)
+            self.optimizer.load_state_dict(optimizer_before)
+            raise
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
-        self.method.load_state_dict(state_dict["method"])
         self.epoch = state_dict["epoch"]
+        self._announced_epoch = state_dict.get("announced_epoch", self.epoch)
         self._step_count = state_dict["step"]
+
+    def _set_up(self) -> dict:
+        """What a checkpoint must match: the method (and its aggregator), the modalities in order."""
+        method = type(self.method).__name__
+        aggregator = getattr(self.method, "aggregator", None)
+        if aggregator is not None:
+            method += f"({getattr(aggregator, 'name', type(aggregator).__name__)})"
+        return {"method": method, "modalities": list(self._layout.names)}
 
     def __repr__(self) -> str:
         sizes = ", ".join(f"{n}: {e - s}" for n, (s, e) in zip(self._layout.names, self._layout.spans))
         return f"BalancedOptimizer({type(self.optimizer).__name__}, method={self.method!r}, modalities={{{sizes}}})"
+
+
+def _called_by_grad_scaler(depth: int = 8) -> bool:
+    """Whether a ``torch.amp.GradScaler`` method is among the callers of the caller (its ``step``
+    calls ``optimizer.step()`` through torch's step wrappers)."""
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return False
+        if isinstance(frame.f_locals.get("self"), torch.amp.GradScaler):
+            return True
+        frame = frame.f_back
+    return False

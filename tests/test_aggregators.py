@@ -3,6 +3,7 @@ zero, duplicate and near-parallel rows, scales 1e-10..1e10, K = 1, 2, 3, 8, 64).
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -141,6 +142,24 @@ def test_mgda_kkt(K, kind, s):
     amin, sum_err, dual_inf, compl = _kkt_simplex(G, a)
     assert amin >= 0 and sum_err < 1e-12
     assert dual_inf < 1e-9 and compl < 1e-9, (dual_inf, compl)
+
+
+@pytest.mark.parametrize("backend", ["default", "reference"])
+@pytest.mark.parametrize("K", [16, 32, 64])
+def test_mgda_kkt_at_rank_half(K, backend, monkeypatch):
+    """Grams of rank K / 2, where the origin lies near the boundary of the hull: the former
+    primal-dual active-set solver cycled through thousands of exchanges there (KKT residual up to
+    2e-2 after its default budget); Wolfe's method needs at most ~K steps."""
+    if backend == "reference":
+        monkeypatch.setenv("MMGRAD_BACKEND", "reference")  # the sync-free torch solver
+    gen = torch.Generator().manual_seed(K)
+    for _ in range(6 if backend == "default" else 2):
+        X = torch.randn(K, K // 2, generator=gen, dtype=F64)
+        J = X @ torch.randn(K // 2, 3 * K, generator=gen, dtype=F64)
+        a = A.weights(J @ J.T, "mgda")
+        amin, sum_err, dual_inf, compl = _kkt_simplex(J @ J.T, a)
+        assert amin >= 0 and sum_err < 1e-12
+        assert dual_inf < 1e-10 and compl < 1e-10, (dual_inf, compl)
 
 
 @pytest.mark.parametrize("K,kind,s", CASES, ids=CASE_IDS)
@@ -313,6 +332,29 @@ def test_state_dict_roundtrip_and_reset(name):
     assert torch.equal(a(Js[0]), fresh(Js[0]))
     with pytest.raises(KeyError):
         b.load_state_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "gradvac", "graddrop"])
+def test_loaded_state_keeps_the_saved_seed_and_counter(name):
+    """A run rebuilt with another seed argument, or whose checkpoint was loaded with map_location
+    onto another device (simulated: the counter filed under "cuda:0" lies on the CPU), continues
+    the saved stream instead of silently starting another."""
+    Js = [make_matrix(8, "conflicting", 1.0, seed=s) for s in range(4)]
+    a = A.get(name, seed=7)
+    for J in Js[:2]:
+        a(J)
+    sd = a.state_dict()
+    assert sd["seed"] == 7
+    moved = {**sd, "generators": {"cuda:0": sd["generators"]["cpu"]}}
+    for state in (sd, moved):
+        b = A.get(name, seed=0)
+        b.load_state_dict(state)
+        assert b.seed == 7
+        assert b.state_dict()["generators"] == state["generators"]  # kept until a device draws
+        c = copy.deepcopy(a)
+        for J in Js[2:]:
+            assert torch.equal(c(J), b(J))
+        assert set(b.state_dict()["generators"]) == {"cpu"}
 
 
 def test_gradvac_state_resets_on_new_K():

@@ -186,7 +186,7 @@ def test_ogm_window_and_filters():
     opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(opt._layout.buffer.params, grads))  # outside the window
     assert (opt.diagnostics["coeff"] < 1).any()  # coefficients are still computed
-    with pytest.raises(ValueError, match="no parameter tensor of the modalities matches"):
+    with pytest.raises(ValueError, match="no parameter tensor of modalities .* matches"):
         lin, lin2 = nn.Linear(3, 3), nn.Linear(3, 3)
         mmgrad.BalancedOptimizer(torch.optim.SGD([*lin.parameters(), *lin2.parameters()], lr=1),
                                  modalities={"a": lin, "b": lin2}, method=mmgrad.OGM(alpha=1))

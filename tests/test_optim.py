@@ -84,6 +84,23 @@ def test_closure(name):
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_clipping_in_the_wrapped_optimizers_pre_hook_sees_the_edited_gradient():
+    """The README's recipe: .grad between backward and step is one row (MMPareto keeps two); the
+    wrapped optimizer's step pre-hook runs after the edit, on the gradient it applies."""
+    model, xs, y = make()
+    opt = build(model, mmgrad.MMPareto(), inner=torch.optim.SGD(model.parameters(), lr=0.1))
+    norms = []
+    opt.optimizer.register_step_pre_hook(
+        lambda o, a, k: norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)))
+    opt.zero_grad()
+    train_step(opt, model, xs, y, "mmpareto")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    moved = torch.sqrt(sum(((a - p.detach()) ** 2).sum() for a, p in zip(before, model.parameters())))
+    assert len(norms) == 1 and norms[0] > 1e-2
+    assert moved.item() == pytest.approx(0.1 * 1e-3, rel=1e-5)
+
+
 def test_step_hooks_run():
     model, xs, y = make()
     opt = build(model)
@@ -144,6 +161,102 @@ def test_state_dict_round_trip_continues_bitwise(name):
         opt2.step()
     for p, q in zip(model.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("name", ["inforeg", "ogmge", "mmpareto"])
+@pytest.mark.parametrize("mid_epoch", [False, True])
+def test_resumed_loop_may_announce_the_checkpoint_epoch_again(name, mid_epoch):
+    """The usual resume loop, ``for epoch in range(saved_epoch, E): opt.set_epoch(epoch)``,
+    announces the checkpoint's epoch a second time: a no-op (InfoReg pushed the epoch's Fisher
+    trace into its window twice and re-took its weight snapshot)."""
+    def run(model, opt, steps):
+        for g in steps:
+            opt.set_epoch(g // 2)
+            opt.zero_grad()
+            train_step(opt, model, xs, y, kind(name))
+            opt.step()
+
+    model, xs, y = make()
+    twin = copy.deepcopy(model)
+    opt = build(model, METHODS[name]())
+    cut = 5 if mid_epoch else 4
+    run(model, opt, range(cut))
+    if not mid_epoch:
+        opt.set_epoch(cut // 2)  # a checkpoint taken right after announcing the epoch
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    run(model, opt, range(cut, 8))
+    twin.load_state_dict(saved[0])
+    opt2 = build(twin, METHODS[name]())
+    opt2.load_state_dict(saved[1])
+    run(twin, opt2, range(cut, 8))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_state_dict_refuses_another_set_up_and_changes_nothing():
+    model, xs, y = make()
+    opt = build(model, mmgrad.MMPareto())
+    opt.zero_grad()
+    train_step(opt, model, xs, y, "mmpareto")
+    opt.step()
+    saved = opt.state_dict()
+    other = build(model, mmgrad.OGMGE(alpha=0.8), inner=torch.optim.SGD(model.parameters(), lr=0.01))
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(ValueError, match="saved by a BalancedOptimizer set up as .*MMPareto"):
+        other.load_state_dict(saved)
+    assert other.param_groups[0]["lr"] == 0.01 and len(other.state) == 0
+    for (k1, v1), (k2, v2) in zip(_state_tensors(other.method.state_dict()), _state_tensors(before["method"])):
+        assert k1 == k2 and (torch.equal(v1, v2) if isinstance(v1, torch.Tensor) else v1 == v2)
+    with pytest.raises(ValueError, match=r"plain torch optimizer's state_dict: load it with opt\.optimizer"):
+        other.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.5).state_dict())
+    # A method state that fails to load part way leaves the wrapped optimizer as it was.
+    broken = {**saved, "set_up": other.state_dict()["set_up"], "method": {"initial_seed": None}}
+    with pytest.raises(Exception):
+        other.load_state_dict(broken)
+    assert other.param_groups[0]["lr"] == 0.01 and len(other.state) == 0
+
+
+def test_method_state_saved_apart_from_the_wrapped_optimizers():
+    """The README's pattern for torch.distributed.checkpoint: the wrapped optimizer's state goes
+    through DCP (here its own state_dict), the rest of opt.state_dict() apart; resumes bitwise."""
+    model, xs, y = make()
+    twin = copy.deepcopy(model)
+    opt = build(model, mmgrad.OGMGE(alpha=0.8, seed=3))
+
+    def run(model, opt, epochs):
+        for epoch in epochs:
+            opt.set_epoch(epoch)
+            opt.zero_grad()
+            train_step(opt, model, xs, y)
+            opt.step()
+
+    run(model, opt, range(3))
+    twin.load_state_dict(model.state_dict())
+    inner_state = copy.deepcopy(opt.optimizer.state_dict())
+    rest = copy.deepcopy({k: v for k, v in opt.state_dict().items() if k != "optimizer"})
+    run(model, opt, range(3, 5))
+    opt2 = build(twin, mmgrad.OGMGE(alpha=0.8, seed=11))
+    opt2.optimizer.load_state_dict(inner_state)
+    opt2.load_state_dict(rest)
+    run(twin, opt2, range(3, 5))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_multi_objective_checkpoint_checks_the_number_of_objectives():
+    model, xs, y = make()
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), shared=model,
+                                   method="nash_mtl")
+    out, split, uni = model(xs)
+    opt.zero_grad()
+    opt.backward([F.cross_entropy(out, y)] + [F.cross_entropy(uni[m], y) for m in model.names])
+    opt.step()
+    fresh = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), shared=model,
+                                     method="nash_mtl")
+    fresh.load_state_dict(opt.state_dict())
+    out, split, uni = model(xs)
+    with pytest.raises(ValueError, match="the loaded checkpoint aggregated 3 objectives"):
+        fresh.backward([F.cross_entropy(out, y), F.cross_entropy(uni[model.names[0]], y)])
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -305,6 +418,26 @@ def test_nonfinite_raise_policy():
 
 
 @pytest.mark.parametrize("name", list(METHODS))
+def test_grad_scaler_not_given_to_a_multi_row_method_is_refused(name):
+    """GradScaler unscales .grad only: a method that keeps rows apart (MMPareto) would edit scaled
+    rows. Refused at the first scaler.step(opt), before any parameter moves; one-row methods work."""
+    model, xs, y = make()
+    model, xs = model.float(), {m: x.float() for m, x in xs.items()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    opt = build(model, METHODS[name]())
+    opt.zero_grad()
+    train_step(opt, model, xs, y, kind(name), loss_scale=scaler.scale)
+    before = [p.clone() for p in model.parameters()]
+    if opt.method.rows == 1:
+        scaler.step(opt)
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        return
+    with pytest.raises(ValueError, match=r"pass the scaler to the optimizer, BalancedOptimizer\(\.\.\., grad_scaler=scaler\)"):
+        scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", list(METHODS))
 def test_grad_scaler_with_a_forced_inf_step(name):
     model, xs, y = make()
     model = model.float()
@@ -372,6 +505,26 @@ def test_more_construction_errors():
         mmgrad.BalancedOptimizer(sgd, modalities={"audio": enc["audio"]}, method=mmgrad.OGMGE(alpha=0.8))
     with pytest.raises(ValueError, match="multimodal loss key 'audio' is also a modality"):
         mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.MMPareto(multimodal="audio"))
+    mlp_and_conv = {"audio": enc["audio"], "text": nn.Linear(4, 4).double()}
+    sgd_all = torch.optim.SGD([p for m in mlp_and_conv.values() for p in m.parameters()], lr=0.1)
+    with pytest.raises(ValueError, match=r"no parameter tensor of modality \['text'\] matches params='conv'"):
+        mmgrad.BalancedOptimizer(sgd_all, modalities=mlp_and_conv, method=mmgrad.OGMGE(alpha=0.8))
+    with pytest.raises(ValueError, match="e.g. MMPareto.multimodal='multimodal'"):
+        mmgrad.BalancedOptimizer(sgd, modalities={"fusion": enc["audio"], "visual": enc["visual"]},
+                                 method=mmgrad.MMPareto())
+    with pytest.raises(TypeError, match=r"OGMGE is a class: pass an object, e.g. method=OGMGE\(...\)"):
+        mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OGMGE)
+    with pytest.raises(TypeError, match="a forward-pass method such as OPM is a module of the model"):
+        mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OPM(list(enc)))
+    for bad in (lambda: mmgrad.MMPareto(gamma=float("inf")), lambda: mmgrad.MMPareto(eps=-1),
+                lambda: mmgrad.AGM(alpha=float("inf")), lambda: mmgrad.AGM(fusion_clip=-1),
+                lambda: mmgrad.InfoReg(threshold=float("nan")), lambda: mmgrad.InfoReg(base=(-1, 0.1)),
+                lambda: mmgrad.InfoReg(window=0)):
+        with pytest.raises(ValueError, match="must be"):
+            bad()
+    with pytest.raises(ValueError, match="ddp= and distributed='off' contradict each other"):
+        mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OGM(alpha=0.5),
+                                 ddp=model, distributed="off")
     enc["visual"].float()
     with pytest.raises(ValueError, match="share one flat gradient buffer"):
         mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OGM(alpha=0.5))

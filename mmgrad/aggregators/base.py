@@ -259,15 +259,19 @@ class SeededMixin:
 
     Drawing is one fused op (:func:`mmgrad.ops.philox_uniform`) that reads the counter on the
     device, then an in-place add: it never synchronises, replays in CUDA graphs and traces under
-    ``torch.compile``. The counters are in ``state_dict``, so a resumed run draws the same numbers.
+    ``torch.compile``. The seed and the counters are in ``state_dict``, so a resumed run draws the
+    same numbers, on another device too (the first device that draws continues a counter saved
+    under another one).
     """
 
     seed: int
     _counters: dict
+    _loaded_counters: dict
 
     def _init_gen(self, seed: int) -> None:
         self.seed = check_option("seed", int(seed), -2**63, 2**63 - 1, integer=True)
-        self._counters = {}
+        self._counters: dict[str, torch.Tensor] = {}
+        self._loaded_counters: dict[str, torch.Tensor] = {}  # filed under a device not drawn on yet
 
     def _uniform(self, n: int, device: torch.device, dtype: torch.dtype = torch.float32,
                  packed: bool = False) -> torch.Tensor:
@@ -294,18 +298,40 @@ class SeededMixin:
         name = str(device)
         counter = self._counters.get(name)
         if counter is None:
-            counter = self._counters[name] = torch.zeros((), dtype=torch.int64, device=device)
+            counter = self._counters[name] = self._take_loaded_counter(name, device)
         return counter, torch.full((), self.seed, dtype=torch.int64, device=device)
 
-    # The stream's counters are the aggregator's state ("generators"); subclasses with more state
-    # extend these through super().
+    def _take_loaded_counter(self, name: str, device: torch.device) -> torch.Tensor:
+        """The counter a loaded state filed under another device (a checkpoint loaded with
+        ``map_location``, or rank 0's checkpoint on another rank) continues on the first device
+        that draws, that device's own name first; a fresh stream starts at 0."""
+        pending = self._loaded_counters
+        if not pending:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        saved = pending.pop(name if name in pending else next(iter(pending)))
+        if saved.device.type == "cpu":  # a fill kernel: a host-to-device copy would synchronise
+            return torch.full((), int(saved), dtype=torch.int64, device=device)
+        return saved.to(device, copy=True)
+
+    # The seed and the stream's counters are the aggregator's state ("seed", "generators"), so a
+    # run resumed with another seed argument still continues the saved stream; subclasses with more
+    # state extend these through super().
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generators": {k: c.clone() for k, c in self._counters.items()}}
+        counters = {**self._loaded_counters, **self._counters}
+        return {**super().state_dict(), "seed": self.seed,
+                "generators": {k: c.clone() for k, c in counters.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._counters = {k: v.clone().to(k) for k, v in state.get("generators", {}).items()}
+        if "seed" in state:  # absent from older checkpoints
+            self.seed = check_option("seed", int(state["seed"]), -2**63, 2**63 - 1, integer=True)
+        self._counters, self._loaded_counters = {}, {}
+        for name, counter in state.get("generators", {}).items():
+            if str(counter.device) == name:
+                self._counters[name] = counter.clone()
+            else:
+                self._loaded_counters[name] = counter.clone()
 
     def reset(self) -> None:
         super().reset()
-        self._counters = {}
+        self._counters, self._loaded_counters = {}, {}

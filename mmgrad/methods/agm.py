@@ -17,6 +17,7 @@ from typing import Iterable, Mapping, Optional
 import torch
 
 from mmgrad import ops
+from mmgrad.aggregators.base import check_option
 from mmgrad.distributed import local_tensor
 from mmgrad.methods.base import BalancingMethod, StepContext
 
@@ -50,6 +51,9 @@ class AGM(BalancingMethod):
         super().__init__()
         if not alpha > 0:
             raise ValueError(f"alpha must be > 0, got {alpha}")
+        check_option("alpha", alpha)
+        if not fusion_clip > 0:  # inf: no clipping
+            raise ValueError(f"fusion_clip must be > 0, got {fusion_clip}")
         if variant not in ("original", "balancemm"):
             raise ValueError(f"variant must be 'original' or 'balancemm', got {variant!r}")
         self.variant = variant

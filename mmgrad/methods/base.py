@@ -63,8 +63,9 @@ class ModalityLayout:
     def filtered(self, which: str) -> tuple[SegmentTable, torch.Tensor, torch.Tensor]:
         """The parameter tensors a method edits: ``"conv"`` (4-D, the OGM paper's code),
         ``"weights"`` (more than one dimension: conv and linear weights, no biases or norms) or
-        ``"all"``. Returns their segment table, modality indices and positions among all segments
-        (device tensors)."""
+        ``"all"``. Every modality must have one (else that modality would silently never be edited).
+        Returns their segment table, modality indices and positions among all segments (device
+        tensors)."""
         shapes = [p.shape for p in self.buffer.params]
         if which == "conv":
             keep = [len(s) == 4 for s in shapes]
@@ -74,8 +75,13 @@ class ModalityLayout:
             keep = [True] * len(shapes)
         else:
             raise ValueError(f"unknown tensor filter {which!r}; choose 'conv', 'weights' or 'all'")
-        if not any(keep):
-            raise ValueError(f"no parameter tensor of the modalities matches params={which!r}; use 'weights' or 'all'")
+        kept = {m for k, m in zip(keep, self.segment_modality_host) if k}
+        missing = [n for m, n in enumerate(self.names) if m not in kept]
+        if missing:  # that modality would never be edited, silently
+            raise ValueError(f"no parameter tensor of modalit{'y' if len(missing) == 1 else 'ies'} "
+                             f"{missing} matches params={which!r}"
+                             + (" (4-D conv kernels)" if which == "conv" else "")
+                             + "; use params='weights' or 'all'")
         table, mods = self.select(keep)
         index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.int64, device=self.device)
         return table, mods, index

@@ -18,6 +18,7 @@ from typing import Mapping, Optional, Sequence
 import torch
 
 from mmgrad import ops
+from mmgrad.aggregators.base import check_option
 from mmgrad.distributed import local_tensor
 from mmgrad.methods.base import BalancingMethod, StepContext
 from mmgrad.methods.ogm import confidence_scores
@@ -44,10 +45,10 @@ class InfoReg(BalancingMethod):
         super().__init__()
         if len(base) != 2:
             raise ValueError("InfoReg is defined for two modalities: give base=(first, second)")
-        self.base = [float(b) for b in base]
-        self.threshold = float(threshold)
+        self.base = [float(check_option("base", b, 0.0)) for b in base]
+        self.threshold = float(check_option("threshold", threshold))
         self.monitor = monitor
-        self.window = int(window)
+        self.window = check_option("window", window, 1, integer=True)
 
     def attach(self, layout) -> None:
         super().attach(layout)
@@ -131,6 +132,8 @@ class InfoReg(BalancingMethod):
         self._open.copy_(state["open"])
 
     def reset(self) -> None:
+        for snap, ps in zip(self._snapshot, self._params):  # the re-initialised weights
+            torch._foreach_copy_(snap, [p.detach() for p in ps])
         self._fisher_epoch.zero_()
         self._history.zero_()
         self._open.fill_(True)

@@ -20,6 +20,7 @@ from typing import Mapping
 import torch
 
 from mmgrad import ops
+from mmgrad.aggregators.base import check_option
 from mmgrad.methods.base import BalancingMethod, StepContext, _sum_losses
 
 
@@ -45,7 +46,9 @@ class MMPareto(BalancingMethod):
         eps: guards the per-tensor ratio where ``||g_new|| = 0`` (the reference code divides by
             zero there and produces NaN; here such a tensor gets a zero gradient).
 
-    ``opt.backward({"fusion": l_mm, "audio": l_a, "visual": l_v})`` once per micro-batch.
+    ``opt.backward({"fusion": l_mm, "audio": l_a, "visual": l_v})`` once per micro-batch. The
+    unimodal losses are back-propagated together into one row, so each must reach its own
+    encoder only (a unimodal head reading another modality's features would mix that gradient in).
     """
 
     rows = 2
@@ -56,14 +59,15 @@ class MMPareto(BalancingMethod):
         super().__init__()
         if not gamma > 0:
             raise ValueError(f"gamma must be > 0, got {gamma}")
-        self.gamma = float(gamma)
+        self.gamma = float(check_option("gamma", gamma))
         self.multimodal = multimodal
-        self.eps = float(eps)
+        self.eps = float(check_option("eps", eps, 0.0))
 
     def attach(self, layout) -> None:
         if self.multimodal in layout.names:
+            free = next(k for k in ("fusion", "multimodal", "joint", "all_modalities") if k not in layout.names)
             raise ValueError(f"MMPareto's multimodal loss key {self.multimodal!r} is also a modality name; "
-                             "pass another key, e.g. MMPareto(multimodal='fusion')")
+                             f"pass another key, e.g. MMPareto(multimodal={free!r})")
         super().attach(layout)
 
     def backward(self, optimizer, loss, **_) -> None:

@@ -28,11 +28,18 @@ class MultiObjective(BalancingMethod):
         super().__init__()
         from mmgrad import aggregators
 
+        if isinstance(aggregator, type):
+            raise TypeError(f"{aggregator.__name__} is a class: pass an object, e.g. method={aggregator.__name__}(...)")
         self.aggregator = aggregators.get(aggregator, **options) if isinstance(aggregator, str) else aggregator
-        if not callable(self.aggregator):
-            raise TypeError(f"aggregator must be a name or an aggregator object, got {aggregator!r}")
+        needs = "weights" if getattr(self.aggregator, "gramian_based", True) else "__call__"
+        if not callable(getattr(self.aggregator, needs, None)):
+            hint = (" (a forward-pass method such as OPM is a module of the model, not an optimizer method)"
+                    if isinstance(aggregator, torch.nn.Module) else "")
+            raise TypeError(f"method must be a balancing method (mmgrad.OGMGE(...), ...), an aggregator name or "
+                            f"an aggregator object with .{needs}(); got {aggregator!r}{hint}")
         self.rows = 1
         self._objectives = None
+        self._loaded_objectives = None  # K of a loaded checkpoint, checked at the first backward
 
     def attach(self, layout) -> None:
         super().attach(layout)
@@ -44,6 +51,9 @@ class MultiObjective(BalancingMethod):
         if self._objectives is None:
             if not losses:
                 raise ValueError("backward() needs at least one loss")
+            if self._loaded_objectives not in (None, len(losses)):
+                raise ValueError(f"got {len(losses)} losses; the loaded checkpoint aggregated "
+                                 f"{self._loaded_objectives} objectives")
             self._objectives = self.rows = len(losses)
             buffer.resize_rows(self.rows)
         elif len(losses) != self._objectives:
@@ -90,11 +100,16 @@ class MultiObjective(BalancingMethod):
 
     def state_dict(self) -> dict:
         sd = getattr(self.aggregator, "state_dict", None)
-        return {"aggregator": sd() if sd else {}}
+        return {"aggregator": sd() if sd else {}, "objectives": self._objectives}
 
     def load_state_dict(self, state: Mapping) -> None:
+        K = state.get("objectives")  # absent from older checkpoints
+        if K is not None and self._objectives not in (None, K):
+            raise ValueError(f"the checkpoint aggregated {K} objectives; this optimizer aggregates "
+                             f"{self._objectives}")
         if hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state["aggregator"])
+        self._loaded_objectives = K
 
     def reset(self) -> None:
         if hasattr(self.aggregator, "reset"):

@@ -137,7 +137,7 @@ class OGM(BalancingMethod):
         try:
             self._modulated, self._modulated_modality, self._modulated_index = layout.filtered(self.params)
         except ValueError as exc:
-            raise ValueError(f"{type(self).__name__}: {exc} (no 4-D conv kernels?)") from None
+            raise ValueError(f"{type(self).__name__}: {exc}") from None
         self._modulated_host_index = self._modulated_index.tolist()
         self._seed = torch.tensor([self._initial_seed], dtype=torch.int64, device=layout.device)
         self._scores = torch.zeros(len(layout.names), dtype=torch.float64, device=layout.device)
@@ -218,6 +218,6 @@ class OGMGE(OGM):
     """OGM with generalisation enhancement: after scaling, every modulated tensor gets Gaussian
     noise ``N(0, std(g)^2)`` where ``std(g)`` is the per-tensor (unbiased) std of its unscaled
     gradient, as in the reference code (``p.grad.std()`` taken before the scaling). Counter-based
-    noise: the same seed gives the same noise on every backend."""
+    noise: the same seed gives the same noise on every backend (to rounding) and thread count."""
 
     noise = True

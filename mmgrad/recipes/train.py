@@ -12,7 +12,8 @@ Methods (``name[:key=value[:key=value...]]`` on the command line):
 * ``agm``        AGM from the fused head's Shapley responses (``alpha`` 0.1).
 * ``inforeg``    InfoReg (two modalities; the strong one is monitored).
 * ``opm``        OPM: drops the dominant modality's features in the forward pass (``q_base`` 0.4,
-                 ``lam`` 0.5, ``p_exe`` 0.7, from epoch ``start`` 5 as in the paper's warm-up).
+                 ``lam`` 0.5, ``p_exe`` 0.7, from epoch ``start`` 5 on: a warm-up as in the paper,
+                 whose code starts one epoch later, at ``epoch > 5``).
 * ``relearn``    Diagnosing & Re-learning: every ``every`` epochs (7: epochs 7, 14, 21 of 30, the
                  paper's 20/40/60 of 90 scaled), at most ``times`` (3), each encoder is pulled toward
                  its initial weights by tanh(``lam`` x train/validation purity gap) (``lam`` 3). The
