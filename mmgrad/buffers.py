@@ -231,6 +231,7 @@ class FlatGradBuffer:
                     stale.discard(i)
                 else:
                     local_tensor(view).add_(local_tensor(g))
+                self._received.add(i)  # also a .grad assigned by hand (no accumulate hook ran)
             p.grad = None if i in stale else view
         self.active_row = row
 

@@ -46,6 +46,7 @@ but ``"off"``: they are a few floats.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -70,6 +71,7 @@ MODES = ("exact", "local_gram", "local", "off")
 # --- DTensor helpers (importable without torch.distributed support) ----------------------------
 
 
+@functools.cache  # called per parameter several times a step: the import machinery costs ~1.5 us
 def _dtensor_type():
     try:
         from torch.distributed.tensor import DTensor
@@ -211,20 +213,32 @@ class GradientSync:
         self.shard_group = shard_group  # sums partial statistics of sharded rows (None: not sharded)
         self.ddp = ddp
         self.world = dist.get_world_size(group)
-        layout = optimizer._layout
-        self.device = layout.device
-        ours = {id(p) for p in layout.buffer.params}
+        self.device = optimizer._layout.device
+        #: Parameters outside the flat buffer whose gradients are averaged with the rows (heads);
+        #: listed again at every step (a layer unfrozen or a parameter group added since).
+        self.others = self._other_params(optimizer)
+        if self.sharded:  # FSDP reduces the gradients itself, but only of the parameters it shards
+            plain = [p for p in self.others if not is_dtensor(p)]
+            if plain:
+                raise ValueError(
+                    f"the modality parameters are sharded (FSDP2) but {len(plain)} other trainable "
+                    f"parameter(s) (shapes {[tuple(p.shape) for p in plain[:3]]}...) are not: their "
+                    "gradients would differ across ranks; wrap the root module too, fully_shard(model)")
+
+    def _other_params(self, optimizer) -> list[torch.Tensor]:
+        """The trainable parameters of the wrapped optimizer and of the DDP module (heads, layers
+        no modality holds) outside the flat buffer, in a fixed order."""
+        ours = {id(p) for p in optimizer._layout.buffer.params}
         others, seen = [], set()
         sources = [p for g in optimizer.param_groups for p in g["params"]]
-        if ddp is not None:
-            ignored = getattr(ddp, "parameters_to_ignore", set())
-            sources += [p for n, p in ddp.module.named_parameters() if n not in ignored]
+        if self.ddp is not None:
+            ignored = getattr(self.ddp, "parameters_to_ignore", set())
+            sources += [p for n, p in self.ddp.module.named_parameters() if n not in ignored]
         for p in sources:
             if p.requires_grad and id(p) not in ours and id(p) not in seen:
                 seen.add(id(p))
                 others.append(p)
-        #: Parameters outside the flat buffer whose gradients are averaged with the rows (heads).
-        self.others = others
+        return others
 
     @property
     def sharded(self) -> bool:
@@ -329,6 +343,7 @@ class GradientSync:
     def _local_flags(self, optimizer) -> torch.Tensor:
         """1.0 per buffer parameter, then per other parameter, that has a gradient on this rank."""
         buffer = optimizer._buffer
+        self.others = self._other_params(optimizer)
         missing = buffer.params_without_grad()
         self._complete = not missing and all(p.grad is not None for p in self.others)
         flags = torch.ones(len(buffer.params) + len(self.others), dtype=torch.float64, device=self.device)
@@ -406,6 +421,9 @@ def setup(optimizer, process_group=None, ddp=None, mode: str = "exact") -> Optio
             f"distributed={mode!r} needs replicated parameters; sharded ones (FSDP2 / DTensor) use 'exact' "
             "(FSDP reduce-scatters each objective's gradient itself; the surgery adds only K x K numbers)"
         )
+    if mode != "off" and process_group is not None and dist.is_initialized() and dist.get_rank(process_group) < 0:
+        raise ValueError("this rank is not a member of process_group: give each rank a group it belongs to "
+                         "(a rank that trains alone: distributed='off')")
     if mode == "off":
         if ddp is not None:  # DDP's own all-reduce would then run in every backward pass
             raise ValueError("ddp= and distributed='off' contradict each other: 'off' means independent "

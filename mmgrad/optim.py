@@ -230,8 +230,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         decision (otherwise one rank may skip ``step()`` while the others wait for it)."""
         if self._sync is not None and self._synced is None:
             self._buffer.materialize()
-            self._synced = self._sync.before_edit(self, self._local_finite())
-            if self._sync.mode in ("local_gram", "local") and not self._sync.sharded:
+            local = self._sync.mode in ("local_gram", "local") and not self._sync.sharded
+            # Local modes: a GradScaler then checks this rank's .grad only, so the agreed flag must
+            # cover the rows too (an inf in one rank's modality gradient).
+            self._synced = self._sync.before_edit(self, self._local_finite(rows=local))
+            if local:
                 self._show_agreed_flag_to_grad_scaler(self._synced)
 
     def backward(self, loss, **batch) -> None:
@@ -250,9 +253,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         try:
             self.method.backward(self, loss, **batch)
         except RuntimeError as exc:
-            if self._sync is not None and self._sync.ddp is None and "mark a variable ready only once" in str(exc):
+            from_ddp = any(m in str(exc) for m in ("mark a variable ready only once", "DDP reducer",
+                                                    "DistributedDataParallel"))
+            if self._sync is not None and self._sync.ddp is None and from_ddp:
                 raise RuntimeError(
-                    "DistributedDataParallel's reducer saw several backward passes: pass the DDP module "
+                    "DistributedDataParallel's reducer failed in mmgrad's backward pass(es): pass the DDP module "
                     "as BalancedOptimizer(..., ddp=model) so that mmgrad reduces the gradients itself"
                 ) from exc
             raise
@@ -310,6 +315,11 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Host bookkeeping before the edit: check the set-up, complete the buffer rows; returns the
         gradients outside the buffer and the GradScaler's unscale factor."""
         self._check_set_up_unchanged()
+        if self._sync is not None and self._synced is None and _called_by_grad_scaler():
+            raise RuntimeError(
+                "scaler.step(opt) under data parallelism without opt.synchronize() first: each rank's "
+                "GradScaler would check its own gradients, and a rank that skips the step leaves the others "
+                "waiting in its collectives; call opt.synchronize() before scaler.step(opt)")
         if self.grad_scaler is None and self.method.rows > 1 and _called_by_grad_scaler():
             raise ValueError(
                 f"scaler.step(opt) with a {type(self.method).__name__}, which keeps {self.method.rows} gradient rows "
@@ -369,12 +379,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
         scaler = self.grad_scaler
         return scaler if scaler is not None and scaler.is_enabled() else None
 
-    def _local_finite(self, others: Optional[list[torch.Tensor]] = None) -> torch.Tensor:
-        """Device bool: this rank's gradients are finite (the rows only when the method does not
-        report it from its own statistics, or the ranks must agree on them before the edit);
-        ``others``: the gradients outside the buffer."""
+    def _local_finite(self, others: Optional[list[torch.Tensor]] = None, rows: bool = False) -> torch.Tensor:
+        """Device bool: this rank's gradients are finite (the rows when ``rows``, when the method
+        does not report it from its own statistics, or when the ranks must agree on them before the
+        edit); ``others``: the gradients outside the buffer."""
         finite = self._others_finite(self._other_grads() if others is None else others)
-        if not self.method.reports_finite or (self._sync is not None and self._sync.checks_rows_first):
+        if rows or not self.method.reports_finite or (self._sync is not None and self._sync.checks_rows_first):
             finite = finite & torch.isfinite(self._buffer.data).all()  # an extra read of the rows
         return finite
 
@@ -414,9 +424,8 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Local modes: ``.grad`` is not averaged before the edit, so a GradScaler's inf check
         would see this rank's gradients only, and a rank whose were finite would step into the
         edit's collectives while another skipped. Where the ranks agreed on "not finite", one
-        element of the first modality gradient becomes NaN on every rank: every scaler skips."""
-        if self._enabled_grad_scaler() is None:
-            return
+        element of the first modality gradient becomes NaN on every rank: every scaler skips (also
+        one not passed as ``grad_scaler=``; the step would be skipped anyway)."""
         grad = next((p.grad for p in self._buffer.params if p.grad is not None), None)
         if grad is None:
             return

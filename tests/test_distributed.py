@@ -93,14 +93,22 @@ CONFIGS = {
     "pcgrad": (lambda m: "pcgrad", "multi", {}),
     "cagrad": (lambda m: "cagrad", "multi", {}),
     "graddrop": (lambda m: "graddrop", "multi", {}),
+    # a seed each rank draws from its own RNG: the aggregator's seed is broadcast as OGM-GE's
+    "graddrop_rank_seed": (lambda m: mmgrad.aggregators.get("graddrop", seed=int(torch.randint(0, 2**31, ()))),
+                           "multi", {}),
+    # the head frozen when the optimizer is built, unfrozen before training: still averaged
+    "ogm_unfrozen_head": (lambda m: mmgrad.OGM(alpha=0.8), "logits", {"unfreeze_head": True}),
+    # "local*" modes: an inf in rank 1's modality gradient with a GradScaler (its own inf check
+    # sees .grad only); synchronize() agrees on the rows too, every rank skips
+    "ogm_scaler_modality_inf": (lambda m: mmgrad.OGM(alpha=0.8), "logits", {"scaler": True, "inf_in": "audio"}),
 }
 # Every aggregator (the slow test); the default run covers a representative few above.
 for _agg in mmgrad.aggregators.NAMES:
     CONFIGS.setdefault(_agg, (lambda m, _a=_agg: _a, "multi", {}))
 FAST_CONFIGS = ["ogm", "ogmge", "ogm_update", "ogm_sync_mid", "mmpareto", "mmpareto_accum", "mmpareto_scaler", "agm",
-                "inforeg", "upgrad", "mgda", "pcgrad", "cagrad", "graddrop"]
+                "inforeg", "upgrad", "mgda", "pcgrad", "cagrad", "graddrop", "graddrop_rank_seed", "ogm_unfrozen_head"]
 FSDP_CONFIGS = ["ogm", "ogmge", "mmpareto", "agm", "inforeg", "upgrad", "graddrop"]
-LOCAL_CONFIGS = ["ogmge", "ogmge_inf", "mmpareto", "mmpareto_scaler", "upgrad"]
+LOCAL_CONFIGS = ["ogmge", "ogmge_inf", "mmpareto", "mmpareto_scaler", "upgrad", "ogm_scaler_modality_inf"]
 DIM1_CONFIGS = ["ogmge", "mmpareto", "graddrop"]  # FSDP2 with Shard(1) where it divides evenly
 
 
@@ -112,10 +120,16 @@ def build(name, model, rank=0, **dist_kwargs):
     method = factory(model)
     if options.get("scaler"):
         dist_kwargs["grad_scaler"] = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    if options.get("unfreeze_head"):
+        model.head.requires_grad_(False)
     if kind == "multi":
         shared = list(model.audio.parameters()) + list(model.visual.parameters())
-        return mmgrad.BalancedOptimizer(inner, shared=shared, method=method, **dist_kwargs)
-    return mmgrad.BalancedOptimizer(inner, modalities={"audio": model.audio, "visual": model.visual}, method=method, **dist_kwargs)
+        opt = mmgrad.BalancedOptimizer(inner, shared=shared, method=method, **dist_kwargs)
+    else:
+        opt = mmgrad.BalancedOptimizer(inner, modalities={"audio": model.audio, "visual": model.visual}, method=method,
+                                       **dist_kwargs)
+    model.head.requires_grad_(True)
+    return opt
 
 
 def backward(opt, kind, out, split, uni, y, scale=lambda loss: loss):
@@ -167,7 +181,8 @@ def train(name, model, forward, opt, lo, hi, world):
                 opt.step()
             else:
                 if t == 1 and (lo == B or hi - lo == world * B):  # rank 1, or the single process
-                    model.head.bias.grad[0] = float("inf")
+                    where = model.audio[0].weight if options.get("inf_in") == "audio" else model.head.bias
+                    where.grad.view(-1)[0] = float("inf")
                 opt.synchronize()
                 scaler.step(opt)
                 scaler.update()
@@ -190,7 +205,8 @@ def single_process(name, world):
 # Everything one world size needs runs in one spawn (starting the ranks costs seconds).
 JOBS = {
     2: [("ddp", FAST_CONFIGS), ("fsdp", FSDP_CONFIGS), ("fsdp_dim1", DIM1_CONFIGS), ("plain", ["ogmge", "mmpareto"]),
-        ("ddp_local_gram", LOCAL_CONFIGS), ("ddp_local", LOCAL_CONFIGS), ("ddp_bn", ["ogm"])],
+        ("ddp_local_gram", LOCAL_CONFIGS), ("ddp_local", LOCAL_CONFIGS), ("ddp_bn", ["ogm"]),
+        ("errors", ["nonmember", "scaler_nosync"])],
     3: [("ddp", FAST_CONFIGS), ("fsdp", FSDP_CONFIGS), ("fsdp_dim1", DIM1_CONFIGS)],
     "slow": [("ddp", list(mmgrad.aggregators.NAMES)), ("fsdp", list(mmgrad.aggregators.NAMES))],
 }
@@ -220,6 +236,8 @@ class BNNet(Net):
 
 
 def _run_rank(scenario, name, rank, world):
+    if scenario == "errors":
+        return _expected_error(name, rank, world)
     torch.manual_seed(0)
     model = (BNNet() if scenario == "ddp_bn" else Net()).double()
     if scenario in ("fsdp", "fsdp_dim1"):
@@ -259,6 +277,27 @@ def _run_rank(scenario, name, rank, world):
         "others": sum(p.numel() for p in opt._sync.others),
         "method_state": opt.method.state_dict(),
     }
+
+
+def _expected_error(name, rank, world):
+    """The message of the error this rank raises (None: none), for set-ups that used to hang or
+    fail deep inside a collective."""
+    torch.manual_seed(0)
+    model = Net().double()
+    try:
+        if name == "nonmember":  # a process group rank 1 is not in
+            group = dist.new_group([0])
+            build("ogm", model, rank, process_group=group)
+        elif name == "scaler_nosync":  # scaler.step(opt) without opt.synchronize() first
+            ddp = nn.parallel.DistributedDataParallel(model)
+            opt = build("mmpareto_scaler", model, rank, ddp=ddp)
+            (a, v, y), = batches(world)[0]
+            out, split, uni = ddp(a[rank * B:(rank + 1) * B], v[rank * B:(rank + 1) * B])
+            backward(opt, "pareto", out, split, uni, y[rank * B:(rank + 1) * B], opt.grad_scaler.scale)
+            opt.grad_scaler.step(opt)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return None
 
 
 _CACHE: dict = {}
@@ -336,6 +375,14 @@ def test_every_aggregator_ddp_and_fsdp2(name):
         _check_single(results, name, 2)
 
 
+def test_misuse_that_used_to_hang_gets_a_clear_error():
+    results = scenario("errors", 2)
+    assert results[0]["nonmember"] is None  # rank 0 trains alone in its group of one
+    assert "this rank is not a member of process_group" in results[1]["nonmember"]
+    for res in results:  # every rank, before any collective of the step
+        assert "call opt.synchronize() before scaler.step(opt)" in res["scaler_nosync"]
+
+
 def test_plain_data_parallel_without_ddp_wrapper():
     results = scenario("plain", 2)
     for name in ("ogmge", "mmpareto"):
@@ -403,7 +450,7 @@ def test_local_modes_keep_ranks_in_step_with_one_gradient_reduction(mode):
         P = res["P_local"]
         for t, ops in enumerate(res["comm"]["step"]):
             big = [n[0] for _, n in ops if n[0] >= P]
-            if name == "mmpareto_scaler" and t == 1:  # the scaler skipped opt.step() on every rank
+            if name in ("mmpareto_scaler", "ogm_scaler_modality_inf") and t == 1:  # every rank's scaler skipped opt.step()
                 assert big == [], f"{name}: a rank stepped into the edit at the skipped step"
                 continue
             assert big == [P], f"{name}: one all-reduce of the edited row, not K rows ({big})"

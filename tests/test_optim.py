@@ -101,6 +101,20 @@ def test_clipping_in_the_wrapped_optimizers_pre_hook_sees_the_edited_gradient():
     assert moved.item() == pytest.approx(0.1 * 1e-3, rel=1e-5)
 
 
+def test_a_gradient_assigned_by_hand_is_applied():
+    """As with a plain optimizer: a modality parameter's .grad set by hand (no backward reached it,
+    so no accumulate hook ran) is folded into the buffer and stepped, not dropped."""
+    a, v = nn.Linear(2, 2), nn.Linear(2, 2)
+    opt = mmgrad.BalancedOptimizer(torch.optim.SGD([*a.parameters(), *v.parameters()], lr=1.0),
+                                   shared=[*a.parameters(), *v.parameters()], method="mean")
+    opt.zero_grad()
+    opt.backward([a(torch.ones(1, 2)).sum()])  # reaches a only
+    before = v.weight.detach().clone()
+    v.weight.grad = torch.ones_like(v.weight)
+    opt.step()
+    assert torch.equal(v.weight.detach(), before - 1.0)
+
+
 def test_step_hooks_run():
     model, xs, y = make()
     opt = build(model)

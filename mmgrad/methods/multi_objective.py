@@ -98,6 +98,13 @@ class MultiObjective(BalancingMethod):
         layout = self.layout
         return torch.cat([global_element_index(p) + base for p, base in zip(layout.buffer.params, layout.tensor_offsets_host)])
 
+    def broadcast_state(self, broadcast) -> None:
+        seed = getattr(self.aggregator, "seed", None)  # the seeded aggregators' random stream
+        if isinstance(seed, int):
+            t = torch.tensor([seed], dtype=torch.int64, device=self.layout.device)
+            broadcast([t])
+            self.aggregator.seed = int(t.item())  # once, at construction
+
     def state_dict(self) -> dict:
         sd = getattr(self.aggregator, "state_dict", None)
         return {"aggregator": sd() if sd else {}, "objectives": self._objectives}
