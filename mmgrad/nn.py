@@ -32,6 +32,8 @@ def split_concat_logits(
     ``bias_share = 1 / M`` by default. The head's weights are used as they are (detach the result
     for pure measurement, as OGM does)."""
     M = len(features)
+    if M == 0:
+        raise ValueError("features is empty: give the features of every modality the head concatenates")
     share = 1.0 / M if bias_share is None else bias_share
     widths = [z.shape[-1] for z in features.values()]
     if sum(widths) != head.in_features:
@@ -186,7 +188,11 @@ class ImpartialModule(nn.Module):
         self._expanded: Optional[dict[str, Sequence[torch.Tensor]]] = None
 
     def expand(self) -> None:
-        names, params = zip(*[(n, p) for n, p in self.module.named_parameters() if p.requires_grad])
+        trainable = [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+        if not trainable:
+            raise ValueError(f"ImpartialModule: {type(self.module).__name__} has no trainable parameter to share "
+                             "between the branches (use ImpartialBranch on its output instead)")
+        names, params = zip(*trainable)
         views = _ImpartialParams.apply(self.branches, self.aggregator, self.rescale, *params)
         self._expanded = {n: v.unbind(0) for n, v in zip(names, views)}
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 from typing import Optional, Sequence
 
@@ -420,11 +421,36 @@ def combine(
     if out.shape != (J.shape[1],) or out.dtype != J.dtype or out.device != J.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({J.shape[1]},) {J.dtype} tensor on {J.device}, got "
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
-    if out.numel() and out.untyped_storage().data_ptr() == J.untyped_storage().data_ptr():
+    _check_not_recorded("combine(out=)", out, J, w)
+    if _shares_memory(out, J):
         out.copy_(_combine_op(J, w, backend))
     else:
         _combine_out_op(J, w, out, backend)
     return out
+
+
+def _int64_tensor(value, name: str, device: torch.device) -> torch.Tensor:
+    """``value`` if it is a tensor, else the int64 scalar tensor of a Python int (a float would be
+    truncated, an int outside int64 fail deep inside torch)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        value = operator.index(value)  # ints, numpy integers; not floats
+    except TypeError:
+        raise ValueError(f"{name} must be an int or an int64 tensor, got {value!r}") from None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or an int64 tensor, got {value!r}")
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64 ([-2**63, 2**63)), got {value}")
+    return torch.tensor(value, dtype=torch.int64, device=device)
+
+
+def _check_not_recorded(op: str, *tensors: Optional[torch.Tensor]) -> None:
+    """The in-place ops have no autograd formula, and autograd does not see a custom op write into
+    its inputs: under grad mode a tensor that requires grad would get silently wrong gradients."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(f"{op} writes in place and is not differentiable: call it under torch.no_grad() "
+                           "or on detached tensors")
 
 
 def _check_table(offsets: torch.Tensor, numels: torch.Tensor, device: torch.device):
@@ -450,6 +476,8 @@ def _per_segment(v: torch.Tensor, x: torch.Tensor, n: int, what: str) -> torch.T
     # A Python number becomes a tensor of the accumulation dtype directly (via float32 it would
     # lose bits for float64 buffers).
     v = torch.as_tensor(v, device=x.device, dtype=acc if isinstance(v, (int, float)) else None)
+    if v.is_complex():
+        raise ValueError(f"{what} must be real, got {v.dtype}")
     if v.dim() == 0:
         v = v.expand(n)
     if v.shape != (n,):
@@ -512,6 +540,7 @@ def segment_combine_(
         raise ValueError(f"out must be a ({J.shape[1]},) buffer of J's dtype {J.dtype}")
     if weights.shape != (offsets.shape[0], J.shape[0]):
         raise ValueError(f"weights must have shape ({offsets.shape[0]}, {J.shape[0]}), got {tuple(weights.shape)}")
+    _check_not_recorded("segment_combine_", out, J, weights)
     weights = weights.to(device=J.device, dtype=reference.accumulation_dtype(J.dtype)).contiguous()
     if _overlaps_but_is_not_a_row(out, J):  # the kernels read each column before writing only a row
         result = out.clone()
@@ -522,13 +551,18 @@ def segment_combine_(
     return out
 
 
-def _overlaps_but_is_not_a_row(out: torch.Tensor, J: torch.Tensor) -> bool:
-    """Whether ``out`` shares memory with ``J`` other than as exactly one of its rows. (Not
-    checked inside a ``torch.compile`` trace, which cannot read storage pointers: there ``out``
-    must be a row of ``J`` or apart from it, as the edits' own calls are.)"""
-    if torch.compiler.is_compiling() or not out.numel():
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` (non-empty) lies in ``b``'s storage. (Not checked inside a ``torch.compile``
+    trace, which cannot read storage pointers: there the tensors must be apart, or ``a`` a row of
+    ``b`` where the op allows it, as the edits' own calls are.)"""
+    if torch.compiler.is_compiling() or not a.numel():
         return False
-    if out.untyped_storage().data_ptr() != J.untyped_storage().data_ptr():
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _overlaps_but_is_not_a_row(out: torch.Tensor, J: torch.Tensor) -> bool:
+    """Whether ``out`` shares memory with ``J`` other than as exactly one of its rows."""
+    if not _shares_memory(out, J):
         return False
     step = J.stride(0) * J.element_size()
     shift = out.data_ptr() - J.data_ptr()
@@ -554,13 +588,14 @@ def segment_scale_(
     an int64 device tensor to keep CUDA graphs replayable with fresh noise (increment it in place).
     """
     offsets, numels = _check_segments(x, offsets, numels)
+    _check_not_recorded("segment_scale_", x, *(t for t in (scale, noise_std) if isinstance(t, torch.Tensor)))
     n = offsets.shape[0]
     scale = _per_segment(scale, x, n, "scale")
     if noise_std is not None:
         noise_std = _per_segment(noise_std, x, n, "noise_std")
         if seed is None:
             raise ValueError("noise_std needs a seed")
-        seed = torch.as_tensor(seed, dtype=torch.int64, device=x.device).reshape(1)
+        seed = torch.as_tensor(_int64_tensor(seed, "seed", x.device), dtype=torch.int64, device=x.device).reshape(1)
     _segment_scale_op(x, offsets, numels, scale, noise_std, seed, backend)
     return x
 
@@ -578,7 +613,10 @@ def segment_lerp_(
     offsets, numels = _check_segments(x, offsets, numels)
     if y.shape != x.shape or y.dtype != x.dtype or y.device != x.device or not y.is_contiguous():
         raise ValueError("y must be a contiguous buffer of x's shape, dtype and device")
+    _check_not_recorded("segment_lerp_", x, y, weight if isinstance(weight, torch.Tensor) else None)
     weight = _per_segment(weight, x, offsets.shape[0], "weight")
+    if _shares_memory(y, x) and y.data_ptr() != x.data_ptr():  # the kernels write x as they read y
+        y = y.clone()
     _segment_lerp_op(x, y, offsets, numels, weight, backend)
     return x
 
@@ -618,8 +656,7 @@ def feature_drop(
         z = z.contiguous()
     if not isinstance(drop_prob, torch.Tensor) or drop_prob.shape != (len(widths),) or not drop_prob.is_floating_point():
         raise ValueError(f"drop_prob must be a float tensor of shape ({len(widths)},), one probability per modality")
-    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=z.device)
-    counter = counter if isinstance(counter, torch.Tensor) else torch.tensor(counter, dtype=torch.int64, device=z.device)
+    seed, counter = _int64_tensor(seed, "seed", z.device), _int64_tensor(counter, "counter", z.device)
     for name, t in (("drop_prob", drop_prob), ("seed", seed), ("counter", counter)):
         if t.device != z.device:
             raise ValueError(f"{name} is on {t.device} but z is on {z.device}")
@@ -663,8 +700,7 @@ def philox_uniform(
     """
     tensors = [t for t in (seed, counter, index) if isinstance(t, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
-    seed = seed if isinstance(seed, torch.Tensor) else torch.tensor(seed, dtype=torch.int64, device=device)
-    counter = counter if isinstance(counter, torch.Tensor) else torch.tensor(counter, dtype=torch.int64, device=device)
+    seed, counter = _int64_tensor(seed, "seed", device), _int64_tensor(counter, "counter", device)
     for name, t in (("seed", seed), ("counter", counter)):
         if t.dtype != torch.int64 or t.numel() != 1:
             raise ValueError(f"{name} must be an int64 tensor holding one value, got {t.dtype} of shape {tuple(t.shape)}")

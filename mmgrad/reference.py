@@ -74,13 +74,19 @@ def combine(J: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w.to(acc) @ J.to(acc)).to(J.dtype)
 
 
-def _segments(offsets: torch.Tensor, numels: torch.Tensor, length: int):
-    """The (offset, numel) pairs, each checked to lie in a buffer of ``length`` elements (a
-    negative offset would wrap round in a Python slice, an overlong segment be clipped)."""
+def segment_pairs(offsets: torch.Tensor, numels: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """The (offset, numel) pairs of a segment table (read on the host), checked as every backend
+    assumes: each segment inside a buffer of ``length`` elements (a negative offset would wrap
+    round in a Python slice, an overlong segment be clipped) and no two non-empty ones
+    overlapping (the Triton kernels size their grid by that, the in-place ops would race)."""
     pairs = list(zip(offsets.tolist(), numels.tolist()))
     for s, (start, n) in enumerate(pairs):
         if start < 0 or n < 0 or start + n > length:
             raise ValueError(f"segment {s} (offset {start}, numel {n}) lies outside the buffer of {length} elements")
+    spans = sorted((start, start + n, s) for s, (start, n) in enumerate(pairs) if n > 0)
+    for (a0, a1, sa), (b0, b1, sb) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise ValueError(f"segments {sa} and {sb} overlap ([{a0}, {a1}) and [{b0}, {b1}))")
     return pairs
 
 
@@ -92,7 +98,7 @@ def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor
     """
     acc = accumulation_dtype(x.dtype)
     out = torch.zeros(offsets.numel(), 2, dtype=acc, device=x.device)
-    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
+    for s, (start, n) in enumerate(segment_pairs(offsets, numels, x.numel())):
         seg = x[start : start + n].to(acc)
         out[s, 0] = seg.sum()
         out[s, 1] = (seg * seg).sum()
@@ -109,7 +115,7 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -
     acc = accumulation_dtype(J.dtype)
     K = J.shape[0]
     out = torch.zeros(offsets.numel(), K, K, dtype=acc, device=J.device)
-    for s, (start, n) in enumerate(_segments(offsets, numels, J.shape[1])):
+    for s, (start, n) in enumerate(segment_pairs(offsets, numels, J.shape[1])):
         block = J[:, start : start + n].to(acc)
         out[s] = block @ block.T
     return out
@@ -126,7 +132,7 @@ def segment_combine_(
     """
     acc = accumulation_dtype(J.dtype)
     weights = weights.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels, J.shape[1])):
+    for s, (start, n) in enumerate(segment_pairs(offsets, numels, J.shape[1])):
         if n == 0:
             continue
         out[start : start + n].copy_(weights[s] @ J[:, start : start + n].to(acc))
@@ -150,7 +156,7 @@ def segment_scale_(
     scale = scale.to(acc)
     if noise_std is not None:
         noise_std = noise_std.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
+    for s, (start, n) in enumerate(segment_pairs(offsets, numels, x.numel())):
         if n == 0:
             continue
         seg = x[start : start + n]
@@ -175,7 +181,7 @@ def segment_lerp_(
     """
     acc = accumulation_dtype(x.dtype)
     weight = weight.to(acc)
-    for s, (start, n) in enumerate(_segments(offsets, numels, x.numel())):
+    for s, (start, n) in enumerate(segment_pairs(offsets, numels, x.numel())):
         if n == 0:
             continue
         xs = x[start : start + n]

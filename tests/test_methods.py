@@ -456,6 +456,14 @@ def test_impartial_branch_aggregates_the_branch_gradients(name, rescale):
     assert torch.allclose(z.grad.reshape(-1), d, atol=1e-12)
 
 
+def test_nn_helpers_refuse_what_they_cannot_use():
+    with pytest.raises(ValueError, match="features is empty"):
+        mmgrad.nn.split_concat_logits(nn.Linear(4, 2), {})
+    block = mmgrad.nn.ImpartialModule(nn.ReLU(), branches=2, aggregator="mean")
+    with pytest.raises(ValueError, match="ReLU has no trainable parameter"):
+        block.expand()
+
+
 def test_impartial_module_aggregates_per_branch_parameter_gradients():
     torch.manual_seed(0)
     dec = nn.Linear(4, 2).double()

@@ -398,3 +398,84 @@ def test_the_cpp_backend_is_built_and_serves_cpu_tensors_by_default(monkeypatch)
 
     assert ops.available_backends("cpu")["cpp"] is None
     assert ops.resolve_backend(torch.device("cpu")) == "cpp"
+
+
+# --- contract checks of the segment ops ---------------------------------------------------------
+
+
+def _segment_calls(x, J, offsets, numels, backend):
+    """Every segment op on a 1-D x (and J (2, len(x)) for the column ops), one table."""
+    S = offsets.numel()
+    return {
+        "segment_moments": lambda: ops.segment_moments(x, offsets, numels, backend=backend),
+        "segment_scale_": lambda: ops.segment_scale_(x, offsets, numels, 2.0, backend=backend),
+        "segment_lerp_": lambda: ops.segment_lerp_(x, x.flip(0).clone(), offsets, numels, 0.5, backend=backend),
+        "segment_gram": lambda: ops.segment_gram(J, offsets, numels, backend=backend),
+        "segment_combine_": lambda: ops.segment_combine_(x, J, offsets, numels, torch.ones(S, 2), backend=backend),
+    }
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("table,match", [
+    (([16], [8]), "outside|past the end"),
+    (([-4], [4]), "outside|negative"),
+    (([0, 10, 5], [8, 4, 8]), "overlap"),
+], ids=["past_the_end", "negative_offset", "overlapping"])
+def test_every_backend_refuses_a_bad_cpu_table(case, table, match):
+    """Every segment op on every backend checks a CPU table: the Triton kernels size their grid by
+    disjoint in-range segments (an overlapping or overlong table read or wrote outside them)."""
+    device, backend = case
+    if device != "cpu":
+        pytest.skip("a GPU table is not checked (reading it would synchronise); its segments are clipped")
+    x = torch.arange(20, dtype=torch.float32)
+    J = torch.stack([x, x])
+    offsets, numels = torch.tensor(table[0]), torch.tensor(table[1])
+    for name, call in _segment_calls(x, J, offsets, numels, backend).items():
+        before = x.clone()
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            call()
+        assert torch.equal(x, before), name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_in_place_ops_refuse_tensors_autograd_follows(case):
+    device, backend = case
+    x = torch.ones(8, device=device, requires_grad=True)
+    z = x * 2
+    offsets, numels = ops.table([8], device)
+    with pytest.raises(RuntimeError, match="segment_scale_ writes in place and is not differentiable"):
+        ops.segment_scale_(z, offsets, numels, 3.0, backend=backend)
+    with pytest.raises(RuntimeError, match="segment_lerp_ writes in place"):
+        ops.segment_lerp_(z, torch.zeros(8, device=device), offsets, numels, 0.5, backend=backend)
+    J = torch.ones(2, 8, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"combine\(out=\) writes in place"):
+        ops.combine(J, torch.ones(2, device=device), out=torch.empty(8, device=device), backend=backend)
+    with torch.no_grad():  # as the optimizer calls them
+        ops.segment_scale_(z, offsets, numels, 3.0, backend=backend)
+    assert torch.equal(z.detach().cpu(), torch.full((8,), 6.0))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("shift", [1, -1])
+def test_segment_lerp_from_an_overlapping_y(case, shift):
+    """y a shifted view of x's storage: the kernels write x while they read y, so y goes through a
+    copy (6248 of 100000 elements were off on C++)."""
+    device, backend = case
+    buf = torch.randn(100_001, dtype=torch.float64, device=device)
+    x, y = (buf[1:], buf[:-1]) if shift == 1 else (buf[:-1], buf[1:])
+    want = y.clone()
+    ops.segment_lerp_(x, y, *ops.table([100_000], device), 1.0, backend=backend)
+    assert torch.equal(x.cpu(), want.cpu())
+
+
+def test_seeds_and_counters_are_int64_or_refused():
+    offsets, numels = ops.table([4])
+    with pytest.raises(ValueError, match=r"seed must fit in int64"):
+        ops.philox_uniform(2**63, 0, 4)
+    with pytest.raises(ValueError, match="seed must be an int or an int64 tensor, got 1.5"):
+        ops.segment_scale_(torch.ones(4), offsets, numels, 1.0, noise_std=1.0, seed=1.5)
+    with pytest.raises(ValueError, match="counter must be an int"):
+        ops.philox_uniform(1, 0.5, 4)
+    with pytest.raises(ValueError, match="scale must be real"):
+        ops.segment_scale_(torch.ones(4), offsets, numels, torch.tensor(2 + 1j))
+    assert torch.equal(ops.philox_uniform(-2**63, 2**63 - 1, 4), ops.philox_uniform(-2**63, 2**63 - 1, 4))

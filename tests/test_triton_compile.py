@@ -124,7 +124,7 @@ def kernels():
         out.append((f"segment_scale_noise_{dtype}", SG._scale_kernel,
                     {"x": f"*{dtype}", "tile_end": "*i64", "offsets": "*i64", "numels": "*i64",
                      "scale": "*fp32", "noise_std": "*fp32", "seed": "*i64", "S": "i32",
-                     "nsteps": "i32", "TILE": "constexpr", "BS": "constexpr", "BLOCK": "constexpr",
+                     "nsteps": "i32", "N": "i64", "TILE": "constexpr", "BS": "constexpr", "BLOCK": "constexpr",
                      "ALIGN": "constexpr", "NS": "constexpr", "ACC": "constexpr",
                      "HAS_NOISE": "constexpr", "PRECISE": "constexpr"},
                     {"TILE": SG.TILE, "BS": 1024, "BLOCK": SG.BLOCK, "ALIGN": SG.ALIGN,

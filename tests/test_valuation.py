@@ -356,6 +356,8 @@ def test_mask_features_zeroes_dropped_modalities():
                 assert torch.equal(out[m][i], torch.zeros_like(feats[m][i]))
     with pytest.raises(ValueError, match="M=2"):
         mask_features(feats, keep[:, :1])
+    with pytest.raises(ValueError, match="keep has 1 rows but features\\['a'\\] has 3"):
+        mask_features(feats, keep[:1])  # would broadcast row 0's mask over the batch
 
 
 def test_names_fix_the_column_order_whatever_the_dict_order():

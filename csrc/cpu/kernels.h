@@ -55,7 +55,7 @@ struct CombineArgs {
   int64_t tile;
   void* tilebuf;  // tile accumulation-type elements, then K zero-padded tail rows of one vector
   const void** rows;  // K row pointers (scratch)
-  bool stream;        // streaming (cache-bypassing) stores to out, which must be 64-byte aligned
+  bool stream = false;  // streaming (cache-bypassing) stores to out, which must be 64-byte aligned
 };
 struct GramKernels {
   void (*gram[4])(const GramArgs& a);

@@ -60,9 +60,9 @@ at::Tensor check_param(const at::Tensor& t, int64_t S, at::ScalarType acc, const
   return t.contiguous();
 }
 
-// Validates the segment table against a buffer of N elements and lists the chunks.
-Table make_table(const at::Tensor& offsets, const at::Tensor& numels, int64_t N,
-                 bool require_disjoint, const char* op) {
+// Validates the segment table against a buffer of N elements (every segment inside it, none
+// overlapping another: the contract of every backend) and lists the chunks.
+Table make_table(const at::Tensor& offsets, const at::Tensor& numels, int64_t N, const char* op) {
   check_segment_table(offsets, numels, at::Device(at::kCPU), op);
   const at::Tensor off_c = offsets.contiguous(), num_c = numels.contiguous();
   const int64_t* off = off_c.data_ptr<int64_t>();
@@ -83,7 +83,7 @@ Table make_table(const at::Tensor& offsets, const at::Tensor& numels, int64_t N,
     t.total += num[s];
   }
   t.seg_first[S] = static_cast<int64_t>(t.chunks.size());
-  if (require_disjoint) check_disjoint_segments(off, num, S, op);
+  check_disjoint_segments(off, num, S, op);
   return t;
 }
 
@@ -102,7 +102,7 @@ at::Tensor segment_moments(const at::Tensor& x, const at::Tensor& offsets,
   const char* op = "mmgrad_C::segment_moments";
   check_data(x, op, "x");
   const int di = dtype_index(x, op, "x");
-  const Table t = make_table(offsets, numels, x.numel(), false, op);
+  const Table t = make_table(offsets, numels, x.numel(), op);
   const int64_t S = offsets.numel();
   std::vector<double> part(2 * t.chunks.size());
   const auto kern = segment_kernels().moments[di];
@@ -137,7 +137,7 @@ void segment_scale_(at::Tensor& x, const at::Tensor& offsets, const at::Tensor& 
   check_data(x, op, "x");
   const int di = dtype_index(x, op, "x");
   const at::ScalarType acc = accumulation_dtype(x.scalar_type());
-  const Table t = make_table(offsets, numels, x.numel(), true, op);
+  const Table t = make_table(offsets, numels, x.numel(), op);
   const int64_t S = offsets.numel();
   const at::Tensor sc64 = check_param(scale, S, acc, op, "scale").to(at::kDouble);
   const double* sc = sc64.data_ptr<double>();
@@ -181,7 +181,7 @@ void segment_lerp_(at::Tensor& x, const at::Tensor& y, const at::Tensor& offsets
   TORCH_CHECK(y.numel() == x.numel(), op, ": y must have as many elements as x (", x.numel(),
               "), got ", y.numel());
   const at::ScalarType acc = accumulation_dtype(x.scalar_type());
-  const Table t = make_table(offsets, numels, x.numel(), true, op);
+  const Table t = make_table(offsets, numels, x.numel(), op);
   const int64_t S = offsets.numel();
   const at::Tensor w = check_param(weight, S, acc, op, "weight");
   // 1 - w is rounded in the accumulation dtype, as the reference does.

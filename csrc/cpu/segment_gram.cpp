@@ -29,11 +29,11 @@ struct ColumnChunk {
   int64_t seg, start, len;
 };
 
-// Validates (offsets, numels) against P columns (and, for an op that writes them, that no two
-// segments overlap: the result would depend on thread timing) and lists the work items in
-// segment order.
+// Validates (offsets, numels) against P columns (and that no two segments overlap: the contract
+// of every backend; an op that writes them would depend on thread timing) and lists the work
+// items in segment order.
 std::vector<ColumnChunk> column_chunks(const at::Tensor& offsets, const at::Tensor& numels, int64_t P,
-                                       const char* op, bool require_disjoint) {
+                                       const char* op) {
   check_segment_table(offsets, numels, at::Device(at::kCPU), op);
   auto o = offsets.contiguous(), n = numels.contiguous();
   const int64_t* op_ = o.data_ptr<int64_t>();
@@ -46,7 +46,7 @@ std::vector<ColumnChunk> column_chunks(const at::Tensor& offsets, const at::Tens
                 " (offset ", op_[s], ", numel ", np_[s], ") lies outside the ", P, " columns");
     for (int64_t c = 0; c < np_[s]; c += kChunk) chunks.push_back({s, op_[s] + c, std::min(kChunk, np_[s] - c)});
   }
-  if (require_disjoint) check_disjoint_segments(op_, np_, S, op);
+  check_disjoint_segments(op_, np_, S, op);
   return chunks;
 }
 
@@ -113,7 +113,7 @@ at::Tensor segment_gram_cpu(const at::Tensor& J, const at::Tensor& offsets, cons
   const char* op = "mmgrad_C::segment_gram";
   check_matrix(J, op);
   const int64_t K = J.size(0), P = J.size(1), S = offsets.numel();
-  auto chunks = column_chunks(offsets, numels, P, op, /*require_disjoint=*/false);
+  auto chunks = column_chunks(offsets, numels, P, op);
   auto acc_type = accumulation_dtype(J.scalar_type());
   at::Tensor out = at::zeros({S, K, K}, J.options().dtype(acc_type));
   if (K == 0 || chunks.empty()) return out;
@@ -148,7 +148,7 @@ void segment_combine_cpu(const at::Tensor& out, const at::Tensor& J, const at::T
   TORCH_CHECK(weights.device().is_cpu() && weights.dim() == 2 && weights.size(0) == S && weights.size(1) == K,
               op, ": weights must be a (S, K) = (", S, ", ", K, ") CPU tensor, got ", weights.sizes());
   TORCH_CHECK(weights.scalar_type() == acc_type, op, ": weights must be ", acc_type);
-  auto chunks = column_chunks(offsets, numels, P, op, /*require_disjoint=*/true);
+  auto chunks = column_chunks(offsets, numels, P, op);
   if (chunks.empty()) return;
   auto w = weights.contiguous();
   const int64_t ld = J.stride(0);

@@ -318,6 +318,9 @@ def mask_features(features: Mapping[str, torch.Tensor], keep: torch.Tensor,
     out = {}
     for m, name in enumerate(names):
         z = features[name]
+        if z.shape[0] != keep.shape[0]:  # a (1, M) keep would broadcast row 0's mask over the batch
+            raise ValueError(f"keep has {keep.shape[0]} rows but features[{name!r}] has {z.shape[0]}: "
+                             "one keep row per sample")
         k = keep[:, m].to(device=z.device, dtype=torch.bool)
         # where, not a product: a dropped row is exactly zero even if its features are not finite
         out[name] = torch.where(k.view(-1, *([1] * (z.dim() - 1))), z, torch.zeros((), dtype=z.dtype, device=z.device))

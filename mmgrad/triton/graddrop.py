@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .kernels import cast_out
 from .segments import packed_word, philox4x32, philox_key
 
 #: Most rows a program holds at once: up to this K one tile of all rows, read once; larger K in
@@ -112,7 +113,7 @@ def _graddrop_kernel(J, stride_k, out, seed, counter, index, leak, K, P, HAS_IND
             r0 += KP
     else:
         y = _kept_sum(x, d, leak, rows, rmask, HAS_LEAK, ACC)
-    tl.store(out + cols, y.to(out.dtype.element_ty), mask=cmask)
+    tl.store(out + cols, cast_out(y, out.dtype.element_ty), mask=cmask)
 
 
 def serves(J: torch.Tensor) -> bool:

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from mmgrad.reference import segment_pairs
+
 from .kernels import (_INTERP, _PAIRS_CONFIG, INTERPRET, _check_J, _row_stride,
                       accumulation_dtype, cast_out)
 
@@ -56,9 +58,11 @@ def _tile_map_kernel(numels, tile_end, S, TILE: tl.constexpr, BS: tl.constexpr):
 
 
 @triton.jit
-def _locate(t, tile_end, offsets, numels, S, nsteps, TILE: tl.constexpr, BS: tl.constexpr):
+def _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE: tl.constexpr, BS: tl.constexpr):
     """Segment of tile t, and the [base, base + cnt) element range of that tile (cnt = 0 when t is
-    past the last tile): the first s with tile_end[s] > t.
+    past the last tile): the first s with tile_end[s] > t. The range is clipped to [0, N), the
+    buffer: a table with segments outside it (unchecked on a GPU: reading it would synchronise)
+    then never makes a program touch memory outside the buffer.
 
     BS > 0 (S <= BS): tile_end is computed here from numels and searched with a vector compare.
     BS == 0: binary search in the precomputed tile_end; nsteps >= ceil(log2(S + 1)) from the host.
@@ -78,7 +82,9 @@ def _locate(t, tile_end, offsets, numels, S, nsteps, TILE: tl.constexpr, BS: tl.
     first = end - (n + (TILE - 1)) // TILE  # index of the segment's first tile
     begin = (t - first) * TILE
     cnt = tl.where(valid, tl.minimum(n - begin, TILE), 0)
-    return s, off + begin, cnt
+    lo = tl.maximum(off + begin, 0)
+    hi = tl.minimum(off + begin + cnt, N)
+    return s, lo, tl.maximum(hi - lo, 0)
 
 
 @triton.jit
@@ -201,11 +207,11 @@ def _moments_step(a1, a2, x, q0, base, cnt, BLOCK: tl.constexpr, ACC: tl.constex
 
 
 @triton.jit
-def _moments_partial_kernel(x, tile_end, offsets, numels, part, S, nsteps, TILE: tl.constexpr,
+def _moments_partial_kernel(x, tile_end, offsets, numels, part, S, nsteps, N, TILE: tl.constexpr,
                             BS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
                             NS: tl.constexpr, ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE, BS)
     head = tl.where(cnt > 0, base % ALIGN, 0)
     start = base - head
     a1 = tl.zeros((BLOCK,), dtype=ACC)
@@ -268,12 +274,12 @@ def _scale_step(x, q0, base, cnt, sc, sd, k0, k1, BLOCK: tl.constexpr, ACC: tl.c
 
 
 @triton.jit
-def _scale_kernel(x, tile_end, offsets, numels, scale, noise_std, seed, S, nsteps,
+def _scale_kernel(x, tile_end, offsets, numels, scale, noise_std, seed, S, nsteps, N,
                   TILE: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr,
                   NS: tl.constexpr, ACC: tl.constexpr, HAS_NOISE: tl.constexpr,
                   PRECISE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE, BS)
     head = tl.where(cnt > 0, base % ALIGN, 0)
     start = base - head
     sc = tl.load(scale + s).to(ACC)
@@ -305,11 +311,11 @@ def _lerp_step(x, y, q0, base, cnt, wt, BLOCK: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _lerp_kernel(x, y, tile_end, offsets, numels, weight, S, nsteps, TILE: tl.constexpr,
+def _lerp_kernel(x, y, tile_end, offsets, numels, weight, S, nsteps, N, TILE: tl.constexpr,
                  BS: tl.constexpr, BLOCK: tl.constexpr, ALIGN: tl.constexpr, NS: tl.constexpr,
                  ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE, BS)
     head = tl.where(cnt > 0, base % ALIGN, 0)
     start = base - head
     wt = tl.load(weight + s).to(ACC)
@@ -357,7 +363,7 @@ def _sgram_step(acc, pa, pb, ma, mb, cols, lo, hi, BLOCK: tl.constexpr, U: tl.co
 
 
 @triton.jit
-def _sgram_partial_kernel(J, tile_end, offsets, numels, part, K, ld, S, nsteps, NB, KP,
+def _sgram_partial_kernel(J, tile_end, offsets, numels, part, K, ld, S, nsteps, N, NB, KP,
                           TILE: tl.constexpr, BS: tl.constexpr, RB: tl.constexpr,
                           BLOCK: tl.constexpr, U: tl.constexpr, ALIGN: tl.constexpr,
                           NS: tl.constexpr, ACC: tl.constexpr, SINGLE: tl.constexpr):
@@ -369,7 +375,7 @@ def _sgram_partial_kernel(J, tile_end, offsets, numels, part, K, ld, S, nsteps, 
     bi = q // NB
     bj = q % NB
     if bi <= bj:
-        s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+        s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE, BS)
         head = tl.where(cnt > 0, base % ALIGN, 0)
         start = base - head
         hi = base + cnt
@@ -435,12 +441,12 @@ def _scombine_step(J, out, weights, w0, s, K, ld, q0, base, hi, KC: tl.constexpr
 
 
 @triton.jit
-def _scombine_kernel(J, out, tile_end, offsets, numels, weights, K, ld, S, nsteps,
+def _scombine_kernel(J, out, tile_end, offsets, numels, weights, K, ld, S, nsteps, N,
                      TILE: tl.constexpr, BS: tl.constexpr, KC: tl.constexpr, NKC: tl.constexpr,
                      BLOCK: tl.constexpr, ALIGN: tl.constexpr, NS: tl.constexpr,
                      ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, TILE, BS)
+    s, base, cnt = _locate(t, tile_end, offsets, numels, S, nsteps, N, TILE, BS)
     head = tl.where(cnt > 0, base % ALIGN, 0)
     start = base - head
     hi = base + cnt
@@ -483,7 +489,16 @@ def _check(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor, *per_se
     for t in per_segment:
         if t.numel() != S:
             raise ValueError(f"per-segment tensors must have {S} elements")
+    _check_host_table(offsets, numels, x.numel())
     return S
+
+
+def _check_host_table(offsets: torch.Tensor, numels: torch.Tensor, length: int) -> None:
+    """A table on the CPU (the interpreter's) is read and checked as the reference backend does.
+    On a GPU that read would synchronise: there the caller promises disjoint segments inside the
+    buffer (SegmentTable checks its own on the host) and _locate clips each tile to the buffer."""
+    if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
+        segment_pairs(offsets, numels, length)
 
 
 def _tile_map(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor,
@@ -516,7 +531,7 @@ def segment_moments(x: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor
     offsets, numels = offsets.contiguous(), numels.contiguous()
     tile_end, BS, grid, nsteps = _tile_map(x, offsets, numels)
     part = torch.empty(grid, 2, dtype=acc, device=x.device)
-    _moments_partial_kernel[(grid,)](x, tile_end, offsets, numels, part, S, nsteps, BS=BS,
+    _moments_partial_kernel[(grid,)](x, tile_end, offsets, numels, part, S, nsteps, x.numel(), BS=BS,
                                      **_common(x))
     _moments_reduce_kernel[(S,)](part, tile_end, numels, out, S, TILE=TILE, BS=BS, RP=256,
                                  num_warps=4)
@@ -550,7 +565,7 @@ def segment_scale_(
         x, tile_end, offsets, numels, scale,
         noise_std if has_noise else scale,  # unused placeholders without noise
         seed if has_noise else offsets,
-        S, nsteps, BS=BS, HAS_NOISE=has_noise, PRECISE=not INTERPRET, **_common(x),
+        S, nsteps, x.numel(), BS=BS, HAS_NOISE=has_noise, PRECISE=not INTERPRET, **_common(x),
     )
     return None
 
@@ -565,7 +580,8 @@ def segment_lerp_(x: torch.Tensor, y: torch.Tensor, offsets: torch.Tensor, numel
         return None
     offsets, numels, weight = offsets.contiguous(), numels.contiguous(), weight.contiguous()
     tile_end, BS, grid, nsteps = _tile_map(x, offsets, numels)
-    _lerp_kernel[(grid,)](x, y, tile_end, offsets, numels, weight, S, nsteps, BS=BS, **_common(x))
+    _lerp_kernel[(grid,)](x, y, tile_end, offsets, numels, weight, S, nsteps, x.numel(), BS=BS,
+                          **_common(x))
     return None
 
 
@@ -577,6 +593,7 @@ def _check_columns(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor)
         raise ValueError("offsets and numels must be 1-D of equal length")
     if offsets.device != J.device or numels.device != J.device:
         raise ValueError("the segment table must be on J's device")
+    _check_host_table(offsets, numels, J.shape[1])
     return offsets.numel()
 
 
@@ -603,7 +620,7 @@ def segment_gram(J: torch.Tensor, offsets: torch.Tensor, numels: torch.Tensor) -
     tile_end, BS, grid, nsteps = _tile_map(J, offsets, numels, P)
     part = torch.empty(grid, KP, KP, dtype=acc, device=J.device)
     _sgram_partial_kernel[(grid, NB * NB)](
-        J, tile_end, offsets, numels, part, K, _row_stride(J), S, nsteps, NB, KP, TILE=TILE, BS=BS,
+        J, tile_end, offsets, numels, part, K, _row_stride(J), S, nsteps, P, NB, KP, TILE=TILE, BS=BS,
         RB=RB, BLOCK=32 * num_warps * VEC, U=U, ALIGN=ALIGN, NS=NS, ACC=_tl_acc(J.dtype),
         SINGLE=NB == 1, num_warps=num_warps)
     out = torch.empty(S, K, K, dtype=acc, device=J.device)
@@ -643,7 +660,7 @@ def segment_combine_(out: torch.Tensor, J: torch.Tensor, offsets: torch.Tensor,
     target = out.clone() if aliased else out
     _scombine_kernel[(grid,)](
         J if K > 0 else target,  # K == 0: nothing of J is read (segments become 0)
-        target, tile_end, offsets, numels, weights, K, _row_stride(J), S, nsteps, TILE=TILE, BS=BS,
+        target, tile_end, offsets, numels, weights, K, _row_stride(J), S, nsteps, P, TILE=TILE, BS=BS,
         KC=KC, NKC=NKC, BLOCK=block, ALIGN=ALIGN, NS=NUM_STAGES, ACC=_tl_acc(J.dtype),
         num_warps=NUM_WARPS)
     if aliased:
