@@ -261,6 +261,12 @@ class BalancedOptimizer(torch.optim.Optimizer):
                     "as BalancedOptimizer(..., ddp=model) so that mmgrad reduces the gradients itself"
                 ) from exc
             raise
+        if self._sync is not None and self._sync.sharded and self.method.rows > 1 and \
+                _dist.fsdp_gradient_sync_off(self._modality_modules.values()):
+            raise RuntimeError(
+                f"FSDP's gradient sync is off (set_requires_gradient_sync(False)), so it summed the "
+                f"{self.method.rows} backward passes of {type(self.method).__name__} into one gradient: "
+                "accumulate with the sync left on; this step's gradients are mixed, call opt.zero_grad()")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -574,13 +580,15 @@ class BalancedOptimizer(torch.optim.Optimizer):
 
 
 def _called_by_grad_scaler(depth: int = 8) -> bool:
-    """Whether a ``torch.amp.GradScaler`` method is among the callers of the caller (its ``step``
-    calls ``optimizer.step()`` through torch's step wrappers)."""
+    """Whether an enabled ``torch.amp.GradScaler``'s method is among the callers of the caller (its
+    ``step`` calls ``optimizer.step()`` through torch's step wrappers; a disabled one only calls
+    ``step()``)."""
     frame = sys._getframe(2)
     for _ in range(depth):
         if frame is None:
             return False
-        if isinstance(frame.f_locals.get("self"), torch.amp.GradScaler):
-            return True
+        caller = frame.f_locals.get("self")
+        if isinstance(caller, torch.amp.GradScaler):
+            return caller.is_enabled()
         frame = frame.f_back
     return False

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import mmgrad
 import mmgrad.aggregators as A
 from mmgrad import ops
 from mmgrad.aggregators import _linalg, _qp
@@ -355,6 +356,37 @@ def test_loaded_state_keeps_the_saved_seed_and_counter(name):
         for J in Js[2:]:
             assert torch.equal(c(J), b(J))
         assert set(b.state_dict()["generators"]) == {"cpu"}
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "graddrop"])
+def test_a_skipped_first_step_after_a_resume_rolls_the_stream_back(name):
+    """The first step after loading a counter filed under another device, skipped for an inf:
+    the counter is taken over before the step's state snapshot, so the skip restores it (the
+    resumed run then draws what the uninterrupted one draws)."""
+    from mmgrad.methods.multi_objective import MultiObjective
+    from mmgrad.methods.base import StepContext
+
+    def step(method, J, finite):
+        buffer = method.layout.buffer
+        buffer.data.copy_(J)
+        ctx = StepContext(method.layout, 0, 0, torch.ones(()), finite=torch.tensor(finite))
+        method.edit(ctx)
+        return method.state_dict()["aggregator"]["generators"]
+
+    model = torch.nn.Linear(4, 2)
+    opts = []
+    for _ in range(2):
+        opt = mmgrad.BalancedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), shared=model,
+                                       method=A.get(name, seed=5))
+        opt.method.rows = opt.method._objectives = 3
+        opt._buffer.resize_rows(3)
+        opts.append(opt)
+    J = torch.randn(3, opts[0]._buffer.data.shape[1])
+    saved = opts[0].method.state_dict()
+    step(opts[0].method, J, True)
+    moved = {**saved, "aggregator": {**saved["aggregator"], "generators": {"cuda:0": torch.zeros((), dtype=torch.int64)}}}
+    opts[1].method.load_state_dict(moved)
+    assert step(opts[1].method, J, False) == {"cpu": 0}  # skipped: the stream did not advance
 
 
 def test_gradvac_state_resets_on_new_K():

@@ -206,7 +206,7 @@ def single_process(name, world):
 JOBS = {
     2: [("ddp", FAST_CONFIGS), ("fsdp", FSDP_CONFIGS), ("fsdp_dim1", DIM1_CONFIGS), ("plain", ["ogmge", "mmpareto"]),
         ("ddp_local_gram", LOCAL_CONFIGS), ("ddp_local", LOCAL_CONFIGS), ("ddp_bn", ["ogm"]),
-        ("errors", ["nonmember", "scaler_nosync"])],
+        ("errors", ["nonmember", "scaler_nosync", "fsdp_sync_off"])],
     3: [("ddp", FAST_CONFIGS), ("fsdp", FSDP_CONFIGS), ("fsdp_dim1", DIM1_CONFIGS)],
     "slow": [("ddp", list(mmgrad.aggregators.NAMES)), ("fsdp", list(mmgrad.aggregators.NAMES))],
 }
@@ -295,6 +295,16 @@ def _expected_error(name, rank, world):
             out, split, uni = ddp(a[rank * B:(rank + 1) * B], v[rank * B:(rank + 1) * B])
             backward(opt, "pareto", out, split, uni, y[rank * B:(rank + 1) * B], opt.grad_scaler.scale)
             opt.grad_scaler.step(opt)
+        elif name == "fsdp_sync_off":  # FSDP2 accumulation without gradient sync mixes MMPareto's rows
+            from torch.distributed.fsdp import fully_shard
+
+            for module in (model.audio, model.visual, model):
+                fully_shard(module)
+            opt = build("mmpareto", model, rank)
+            model.set_requires_gradient_sync(False)
+            (a, v, y), = batches(world)[0]
+            out, split, uni = model(a[rank * B:(rank + 1) * B], v[rank * B:(rank + 1) * B])
+            backward(opt, "pareto", out, split, uni, y[rank * B:(rank + 1) * B])
     except (ValueError, RuntimeError) as exc:
         return str(exc)
     return None
@@ -381,6 +391,7 @@ def test_misuse_that_used_to_hang_gets_a_clear_error():
     assert "this rank is not a member of process_group" in results[1]["nonmember"]
     for res in results:  # every rank, before any collective of the step
         assert "call opt.synchronize() before scaler.step(opt)" in res["scaler_nosync"]
+        assert "FSDP's gradient sync is off" in res["fsdp_sync_off"]
 
 
 def test_plain_data_parallel_without_ddp_wrapper():

@@ -449,6 +449,9 @@ def test_grad_scaler_not_given_to_a_multi_row_method_is_refused(name):
     with pytest.raises(ValueError, match=r"pass the scaler to the optimizer, BalancedOptimizer\(\.\.\., grad_scaler=scaler\)"):
         scaler.step(opt)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # A disabled scaler (the enabled=args.amp pattern) only calls opt.step(): no loss scale to undo.
+    torch.amp.GradScaler("cpu", enabled=False).step(opt)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -536,6 +539,9 @@ def test_more_construction_errors():
                 lambda: mmgrad.InfoReg(window=0)):
         with pytest.raises(ValueError, match="must be"):
             bad()
+    np = pytest.importorskip("numpy")  # numbers from a sweep's arrays are numbers too
+    assert mmgrad.MMPareto(gamma=np.float32(1.5)).gamma == 1.5
+    assert mmgrad.InfoReg(window=np.int64(5)).window == 5 and mmgrad.InfoReg(window=5.0).window == 5
     with pytest.raises(ValueError, match="ddp= and distributed='off' contradict each other"):
         mmgrad.BalancedOptimizer(sgd, modalities=dict(enc.items()), method=mmgrad.OGM(alpha=0.5),
                                  ddp=model, distributed="off")

@@ -18,6 +18,7 @@ Solver rules shared by every method (tested in ``tests/test_aggregators.py``):
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any, Optional, Sequence
 
@@ -130,18 +131,34 @@ def rounding_ridge(G: torch.Tensor) -> float:
 
 def check_option(name: str, value, minimum: float | None = None, maximum: float | None = None,
                  integer: bool = False):
-    """``value`` if it is a finite number (an int with ``integer``) within [minimum, maximum],
-    else a ValueError that names the option; None passes."""
+    """``value`` as a Python number (an int with ``integer``: integral values only) if it is a
+    finite real number within [minimum, maximum], else a ValueError that names the option; None
+    passes. numpy scalars and one-element tensors count as numbers."""
     if value is None:
         return value
-    if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if isinstance(value, (bool, str, bytes, complex)):
+        raise ValueError(f"{name} must be {'an int' if integer else 'a finite number'}, got {value!r}")
+    number = None
+    if integer:
+        try:
+            number = operator.index(value)  # ints, numpy integers, integer tensors of one element
+        except TypeError:
+            pass
+    if number is None:
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = None
+        if integer and number is not None:  # 5.0, np.float32(5)
+            number = int(number) if number.is_integer() else None
+    if number is None:
+        raise ValueError(f"{name} must be {'an int' if integer else 'a finite number'}, got {value!r}")
+    if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {bounds}, got {value!r}")
-    return value
+    return number if integer or not isinstance(value, int) else value
 
 
 def check_gram(G: torch.Tensor) -> None:
@@ -300,6 +317,14 @@ class SeededMixin:
         if counter is None:
             counter = self._counters[name] = self._take_loaded_counter(name, device)
         return counter, torch.full((), self.seed, dtype=torch.int64, device=device)
+
+    def settle_stream(self, device: torch.device) -> None:
+        """Make ``device``'s counter exist now (taking over one loaded under another device), so
+        that a state saved before a draw already holds it: a skipped step that restores that
+        state then also restores the counter."""
+        name = str(device)
+        if name not in self._counters:
+            self._counters[name] = self._take_loaded_counter(name, device)
 
     def _take_loaded_counter(self, name: str, device: torch.device) -> torch.Tensor:
         """The counter a loaded state filed under another device (a checkpoint loaded with

@@ -39,7 +39,7 @@ class MGDA(Aggregator):
     :func:`~mmgrad.aggregators.base.rounding_ridge` for a float32 / half ``G``), then Wolfe's
     minimum-norm-point method, :func:`mmgrad.aggregators._qp.min_norm_simplex`, with a fixed budget
     of ``iters`` steps (default ``2 K + 8``, :func:`~mmgrad.aggregators._qp.min_norm_default_iters`;
-    it needs at most ~K), closed form for K = 2. It returns the exact minimiser (KKT residual at
+    it needs ~K, up to ~2 K on ill-conditioned Grams), closed form for K = 2. It returns the exact minimiser (KKT residual at
     rounding level, tested, rank-deficient Grams included) where torchjd's Frank-Wolfe stops at a
     step below ``epsilon`` (an approximation: the two differ by up to ~1e-2 in the weights). Where
     the minimiser is not unique (duplicate rows, or the origin inside the hull) the weights are one

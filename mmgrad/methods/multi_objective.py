@@ -71,6 +71,8 @@ class MultiObjective(BalancingMethod):
         # G = sum over shards of J_s J_s^T: with sharded parameters only these K x K numbers cross ranks.
         G = context.reduce_stats(ops.gram(J)) * scale[:, None] * scale[None, :]
         finite = torch.isfinite(G).all()
+        if hasattr(self.aggregator, "settle_stream"):
+            self.aggregator.settle_stream(J.device)
         before = _tensors_cloned(self.state_dict())
         if getattr(self.aggregator, "gramian_based", True):
             w = self.aggregator.weights(G).to(G.dtype) * scale
