@@ -321,12 +321,16 @@ class BalancedOptimizer(torch.optim.Optimizer):
         """Host bookkeeping before the edit: check the set-up, complete the buffer rows; returns the
         gradients outside the buffer and the GradScaler's unscale factor."""
         self._check_set_up_unchanged()
-        if self._sync is not None and self._synced is None and _called_by_grad_scaler():
+        unsynced = self._sync is not None and self._synced is None
+        multi_row_unscaled = self.grad_scaler is None and self.method.rows > 1
+        # (one walk up the stack, only where a GradScaler caller would be an error)
+        by_scaler = (unsynced or multi_row_unscaled) and _called_by_grad_scaler()
+        if unsynced and by_scaler:
             raise RuntimeError(
                 "scaler.step(opt) under data parallelism without opt.synchronize() first: each rank's "
                 "GradScaler would check its own gradients, and a rank that skips the step leaves the others "
                 "waiting in its collectives; call opt.synchronize() before scaler.step(opt)")
-        if self.grad_scaler is None and self.method.rows > 1 and _called_by_grad_scaler():
+        if multi_row_unscaled and by_scaler:
             raise ValueError(
                 f"scaler.step(opt) with a {type(self.method).__name__}, which keeps {self.method.rows} gradient rows "
                 "of which the GradScaler unscales only .grad: pass the scaler to the optimizer, "

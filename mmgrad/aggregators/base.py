@@ -312,11 +312,8 @@ class SeededMixin:
     def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The counter and the Philox key of ``device``, made with fill kernels (a host-to-device
         copy of the seed would synchronise)."""
-        name = str(device)
-        counter = self._counters.get(name)
-        if counter is None:
-            counter = self._counters[name] = self._take_loaded_counter(name, device)
-        return counter, torch.full((), self.seed, dtype=torch.int64, device=device)
+        self.settle_stream(device)
+        return self._counters[str(device)], torch.full((), self.seed, dtype=torch.int64, device=device)
 
     def settle_stream(self, device: torch.device) -> None:
         """Make ``device``'s counter exist now (taking over one loaded under another device), so
