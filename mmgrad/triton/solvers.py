@@ -421,16 +421,13 @@ def _nash_kernel(G_ptr, a0_ptr, out_ptr, K, iters, KP: tl.constexpr):
 
 
 @triton.jit
-def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, K, iters,
-                         HAS_PREV: tl.constexpr, SOLVE: tl.constexpr, RIDGE: tl.constexpr,
-                         MAX_NORM: tl.constexpr, KP: tl.constexpr):
-    """``nash.NashMTL.weights`` whole. SOLVE: G (any float dtype and strides) over its Frobenius
+def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, K, iters,
+                         HAS_PREV: tl.constexpr, RIDGE: tl.constexpr, KP: tl.constexpr):
+    """The solve of ``nash.NashMTL.weights``: G (any float dtype and strides) over its Frobenius
     norm plus RIDGE I, the start (the previous solution rescaled, or the cold start
     ``1 / sqrt(diag)`` scaled to ``a^T G a = K``), :func:`_nash_newton_loop`, the solution back on
-    G's scale (written to ``alpha_ptr``: the warm start of the next call; a zero or non-finite G
-    keeps the previous one, or ones). Without SOLVE (the calls between two solves) the solution is
-    the previous one. Then, with
-    MAX_NORM > 0, it is scaled down to ``|J^T a| = MAX_NORM`` (written to ``out_ptr``)."""
+    G's scale, written to ``alpha_ptr`` (the warm start of the next call; a zero or non-finite G
+    keeps the previous one, or ones)."""
     rows = tl.arange(0, KP)
     cols = tl.arange(0, KP)
     eye = rows[:, None] == cols[None, :]
@@ -438,36 +435,26 @@ def _nash_weights_kernel(G_ptr, stride0, stride1, prev_ptr, alpha_ptr, out_ptr, 
     inside = (rows < K)[:, None] & valid[None, :]
     Gs = tl.load(G_ptr + rows[:, None] * stride0 + cols[None, :] * stride1, mask=inside,
                  other=0.0).to(tl.float64)
-    if SOLVE:
-        nf = tl.sqrt(tl.sum(tl.sum(Gs * Gs, axis=1), axis=0))
-        ok = (nf > 0) & (nf < float("inf"))
-        nf = tl.where(ok, nf, 1.0)
-        Gr = tl.where(ok, Gs / nf, 0.0) + tl.where(eye & inside, _f64(RIDGE), 0.0)
-        root = tl.sqrt(nf)
-        if HAS_PREV:
-            a = tl.load(prev_ptr + cols, mask=valid, other=1.0) * root
-            floor = _f64(1e-30)
-            a = tl.where(valid, tl.where(a < floor, floor, a), 1.0)  # clamp(min=1e-30)
-        else:
-            d = tl.sum(tl.where(eye, Gr, 0.0), axis=0)
-            a = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, d, 1.0)), 0.0)
-            quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
-            a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
-        alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
-        if HAS_PREV:  # a zero or non-finite G keeps the previous solution (ones at first)
-            kept = tl.load(prev_ptr + cols, mask=valid, other=0.0)
-        else:
-            kept = tl.where(valid, _f64(1.0), 0.0)
-        alpha = tl.where(ok, alpha, kept)
-    else:  # between two solves: the previous solution (the caller always has one then)
-        alpha = tl.load(prev_ptr + cols, mask=valid, other=0.0)
-    tl.store(alpha_ptr + cols, alpha, mask=valid)
-    if MAX_NORM > 0:
-        norm = tl.sum(alpha * tl.sum(Gs * alpha[None, :], axis=1), axis=0)
-        norm = tl.sqrt(tl.where(norm > 0, norm, 0.0))
-        big = norm > _f64(MAX_NORM)
-        alpha = tl.where(big, alpha * (_f64(MAX_NORM) / tl.where(big, norm, 1.0)), alpha)
-    tl.store(out_ptr + cols, alpha, mask=valid)
+    nf = tl.sqrt(tl.sum(tl.sum(Gs * Gs, axis=1), axis=0))
+    ok = (nf > 0) & (nf < float("inf"))
+    nf = tl.where(ok, nf, 1.0)
+    Gr = tl.where(ok, Gs / nf, 0.0) + tl.where(eye & inside, _f64(RIDGE), 0.0)
+    root = tl.sqrt(nf)
+    if HAS_PREV:
+        a = tl.load(prev_ptr + cols, mask=valid, other=1.0) * root
+        floor = _f64(1e-30)
+        a = tl.where(valid, tl.where(a < floor, floor, a), 1.0)  # clamp(min=1e-30)
+    else:
+        d = tl.sum(tl.where(eye, Gr, 0.0), axis=0)
+        a = tl.where(valid, 1.0 / tl.sqrt(tl.where(valid, d, 1.0)), 0.0)
+        quad = tl.sum(a * tl.sum(Gr * a[None, :], axis=1), axis=0)
+        a = tl.where(valid, a * tl.sqrt((K * _f64(1.0)) / quad), 1.0)
+    alpha = _nash_newton_loop(Gr, a, valid, eye, iters, rows, cols, K, KP) / root
+    if HAS_PREV:  # a zero or non-finite G keeps the previous solution (ones at first)
+        kept = tl.load(prev_ptr + cols, mask=valid, other=0.0)
+    else:
+        kept = tl.where(valid, _f64(1.0), 0.0)
+    tl.store(alpha_ptr + cols, tl.where(ok, alpha, kept), mask=valid)
 
 
 @triton.jit
@@ -687,18 +674,26 @@ def aligned_weights(G: torch.Tensor, pref: torch.Tensor, tol: float, mode: int,
 
 def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridge: float,
                  max_norm: float, solve: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K, in one program:
-    ``(alpha, weights)`` in float64, ``alpha`` the solution on G's scale (the next warm start),
-    ``prev`` the previous one (float64) or None for the cold start. ``solve=False`` (the calls
-    between two solves) keeps ``prev`` and only applies the max-norm scaling."""
+    """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K: ``(alpha, weights)`` in
+    float64, ``alpha`` the solution on G's scale (the next warm start), ``prev`` the previous one
+    (float64) or None for the cold start; the solve is one program. ``solve=False`` (the calls
+    between two solves) keeps ``prev``. The max-norm scaling runs in torch (four small kernels):
+    inside the kernel, compiled for sm_90 by Triton 3.6, the same lines left alpha unscaled after
+    a solve (the interpreter scaled it), and no rewrite of them could be checked on a GPU yet."""
     if not solve and prev is None:
         raise ValueError("nash_weights: a call that does not solve needs the previous solution")
     K = G.shape[0]
-    alpha = torch.empty(K, dtype=torch.float64, device=G.device)
-    out = torch.empty_like(alpha)
-    KP = _padded(K)
-    _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev,
-                               alpha, out, K, iters, HAS_PREV=prev is not None, SOLVE=solve,
-                               RIDGE=float(ridge), MAX_NORM=float(max_norm), KP=KP,
-                               num_warps=_num_warps(KP))
-    return alpha, out
+    if solve:
+        alpha = torch.empty(K, dtype=torch.float64, device=G.device)
+        KP = _padded(K)
+        _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev,
+                                   alpha, K, iters, HAS_PREV=prev is not None,
+                                   RIDGE=float(ridge), KP=KP, num_warps=_num_warps(KP))
+    else:
+        alpha = prev.clone()
+    if max_norm <= 0:
+        return alpha, alpha.clone()
+    Gs = G.to(torch.float64)
+    norm = (alpha @ Gs @ alpha).clamp(min=0).sqrt()  # |J^T alpha|
+    big = norm > max_norm
+    return alpha, torch.where(big, alpha * (max_norm / torch.where(big, norm, torch.ones_like(norm))), alpha)
