@@ -182,7 +182,8 @@ class _CppBackend:
 class _CudaBackend:
     """The CUDA C++ kernels of ``mmgrad._C`` (``kernels/``, launched from ``csrc/cuda/``): the same
     ``torch.ops.mmgrad_C`` ops as :class:`_CppBackend`, which the dispatcher routes to them for CUDA
-    tensors. No feature_drop or philox_uniform kernel (:func:`_kernel` falls back to the reference)."""
+    tensors. No feature_drop or philox_uniform kernel (:func:`_kernel` falls back to Triton's, or
+    to the reference without Triton)."""
 
     gram = _CppBackend.gram
     combine = _CppBackend.combine
@@ -217,15 +218,20 @@ _REFERENCE_KERNELS = {"feature_drop": reference.feature_drop, "philox_uniform": 
 
 def _kernel(op: str, device: torch.device, backend: Optional[str]):
     """The function that runs ``op`` (one of ``_REFERENCE_KERNELS``) on ``device``: the kernel of
-    the resolved backend, or the reference where that backend has none (sync-free device code, so
-    a run whose policy or ``MMGRAD_BACKEND`` picked that backend keeps working). Naming such a
-    backend in the call's ``backend=`` raises: the caller asked for a kernel that does not exist."""
+    the resolved backend, or where that backend has none Triton's (CUDA C++ backend, Triton
+    working) or the reference (sync-free device code), so a run whose policy or
+    ``MMGRAD_BACKEND`` picked that backend keeps working. Naming such a backend in the call's
+    ``backend=`` raises: the caller asked for a kernel that does not exist."""
     name = resolve_backend(device, backend)
     impl = _implementation(device, name)
     if name != "reference" and hasattr(impl, op):
         return getattr(impl, op)
     if backend is not None and name != "reference":
         raise NotImplementedError(f"mmgrad backend {name!r} has no {op} kernel; use 'triton' or 'reference'")
+    if name == "cuda" and device.type == "cuda" and _backend_error("triton", device) is None:
+        # the Triton kernel rather than the reference's tens of small launches (on the H100, ~3 ms
+        # per draw of PCGrad's visiting orders)
+        return getattr(importlib.import_module("mmgrad.triton"), op)
     return _REFERENCE_KERNELS[op]
 
 
@@ -694,9 +700,9 @@ def philox_uniform(
     ``counter`` is read, not advanced: add the number of draws to it in place for the next ones.
     Pass ``seed`` and ``counter`` as int64 tensors on the output's device to stay free of host
     synchronisation (and CUDA-graph replayable); the GPU kernels read them on the device. Python
-    ints are converted (a copy to the device). The CUDA C++ backend has no kernel for this op: the
-    auto policy or ``MMGRAD_BACKEND=cuda`` fall back to the (sync-free) reference, ``backend="cuda"``
-    raises.
+    ints are converted (a copy to the device). The CUDA C++ backend has no kernel for this op:
+    ``MMGRAD_BACKEND=cuda`` runs Triton's (the sync-free reference without Triton),
+    ``backend="cuda"`` raises.
     """
     tensors = [t for t in (seed, counter, index) if isinstance(t, torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")

@@ -240,6 +240,19 @@ def test_policy_choosing_the_cuda_backend_falls_back_to_the_reference(monkeypatc
         ops.philox_uniform(3, 5, 100, backend="cuda")
 
 
+def test_policy_choosing_the_cuda_backend_on_cuda_tensors_runs_the_triton_kernels(monkeypatch):
+    # On CUDA tensors with Triton working, the ops the CUDA C++ backend lacks run Triton's kernels
+    # (no tensor is needed to pick the function, so this runs without a GPU too).
+    import mmgrad.triton
+
+    monkeypatch.setattr(ops, "resolve_backend", lambda device, backend=None: "cuda")
+    for op in ("philox_uniform", "feature_drop"):
+        assert ops._kernel(op, torch.device("cuda"), None) is getattr(mmgrad.triton, op)
+        assert ops._kernel(op, torch.device("cpu"), None) is ops._REFERENCE_KERNELS[op]
+    monkeypatch.setattr(ops, "_backend_error", lambda backend, device: "no triton")
+    assert ops._kernel("philox_uniform", torch.device("cuda"), None) is ops._REFERENCE_KERNELS["philox_uniform"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ backend needs a CUDA device")
 def test_backend_cuda_is_refused():
     # No CUDA C++ kernel: forcing it says so (or, in a build without CUDA kernels, why not).

@@ -9,6 +9,8 @@ fixed point, so results agree to rounding, with the tolerances of the C++ solver
 (``conftest.solver_tol``).
 """
 
+import types
+
 import pytest
 import torch
 from conftest import (assert_rows_close, cagrad_inputs, host_sync_raises, random_gram, solver_tol,
@@ -241,12 +243,26 @@ def test_nash_mtl_solve_in_one_kernel_matches_torch(K, monkeypatch, gen):
         fresh = mmgrad.aggregators.get("nash_mtl", max_norm=0.0)
         assert_rows_close(fresh.weights(torch.zeros_like(G).to(dev)).cpu(), torch.ones(K), 0.0)
     assert_rows_close(got["triton"][0], got["reference"][0], 1e-6)
+    monkeypatch.delenv("MMGRAD_BACKEND")  # the CPU default (C++, or the reference without _C)
     assert_rows_close(got["triton"][0], mmgrad.aggregators.get("nash_mtl", max_norm=0.0).weights(G), 1e-6)
 
 
 def test_empty_batch():
     G = torch.eye(3, dtype=F64, device=DEV)
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
+
+
+def test_the_cuda_backend_routes_solvers_to_triton(monkeypatch):
+    """CUDA tensors under the CUDA C++ backend (which has no solver kernels) use the Triton
+    solvers while Triton works, and the torch solvers under the reference backend or without
+    Triton; only ``.device`` is read, so a stand-in tensor checks the rule without a GPU."""
+    on_cuda = types.SimpleNamespace(device=torch.device("cuda"))
+    for selected, want in (("cuda", True), ("triton", True), ("reference", False)):
+        monkeypatch.setattr(ops, "resolve_backend", lambda device, backend=None, _s=selected: _s)
+        assert base.triton_selected(on_cuda) is want, selected
+    monkeypatch.setattr(ops, "resolve_backend", lambda device, backend=None: "cuda")
+    monkeypatch.setattr(ops, "_backend_error", lambda backend, device: "triton is broken")
+    assert base.triton_selected(on_cuda) is False
 
 
 @pytest.mark.parametrize("name", ["upgrad", "dualproj", "mgda", "cagrad", "imtl_g", "aligned_mtl",

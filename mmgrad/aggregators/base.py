@@ -59,11 +59,17 @@ def use_cpp_solver(*tensors: torch.Tensor) -> bool:
 
 
 def triton_selected(t: torch.Tensor) -> bool:
-    """Whether the Triton backend is the one selected for ``t``'s device: CUDA tensors by default,
-    CPU tensors only under TRITON_INTERPRET=1 with ``MMGRAD_BACKEND=triton`` (the tests)."""
+    """Whether the Triton kernels of the K x K solvers and GradDrop serve ``t``'s device: CUDA
+    tensors when the backend selected there is ``triton`` (the default) or ``cuda`` (the CUDA C++
+    backend has kernels for the P-sized ops only, and Triton's solver kernels beat the torch
+    loops), as long as Triton works; CPU tensors only under TRITON_INTERPRET=1 with
+    ``MMGRAD_BACKEND=triton`` (the tests)."""
     if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    return ops.resolve_backend(t.device) == "triton"
+    selected = ops.resolve_backend(t.device)
+    if selected == "cuda" and t.device.type == "cuda":
+        return ops._backend_error("triton", t.device) is None
+    return selected == "triton"
 
 
 def _triton_serves(G: torch.Tensor) -> bool:
