@@ -118,6 +118,22 @@ def _torch_requirement(torch_version: str) -> str:
     return "torch==" + torch_version.split("+")[0]
 
 
+def _warn_if_libstdcxx_static(path: str) -> None:
+    """Warns when the built extension does not load libstdc++ dynamically (``readelf``, where
+    installed, lists no such NEEDED entry): a compiler wrapper that links it statically (seen on a
+    GPU image whose CC / CXX were /opt/gcc wrappers) gives _C its own copy, and _C then crashed
+    formatting any error message holding a number."""
+    readelf = shutil.which("readelf")
+    if readelf is None or not sys.platform.startswith("linux") or not os.path.exists(path):
+        return
+    needed = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
+    if "libstdc++" not in needed:
+        sys.stderr.write(
+            f"mmgrad: WARNING: {path} does not link libstdc++ dynamically (CXX={os.environ.get('CXX', 'default')}); "
+            "its error paths may crash. Rebuild with the distribution's compiler, e.g. "
+            "CC=/usr/bin/gcc CXX=/usr/bin/g++.\n")
+
+
 def _extensions():
     if os.environ.get("MMGRAD_NO_EXTENSION") == "1":
         return [], {}
@@ -168,6 +184,7 @@ def _extensions():
 
         def run(self):
             super().run()
+            _warn_if_libstdcxx_static(self.get_ext_fullpath("mmgrad._C"))
             targets = {os.path.join(self.build_lib, "mmgrad")}
             if self.inplace:
                 targets.add(os.path.join(ROOT, "mmgrad"))
