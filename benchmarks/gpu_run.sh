@@ -34,6 +34,9 @@ if [ "${BUILD:-1}" != 0 ]; then
   fi
 fi
 python3 -m mmgrad.env | tee -a "$OUT/device.txt"
+# What a user runs after installing: every usable backend's core ops against the float64 reference.
+python3 -m mmgrad.selftest --require cuda --require triton > "$OUT/selftest.txt" 2>&1
+grep -E "FAIL|wrong|selftest:" "$OUT/selftest.txt" | tee -a "$OUT/device.txt"
 T=${TEST_SECONDS:-260}
 # Every test of the files that only run on a GPU, and the CUDA / Triton cases of the others; not
 # -x: one run should show every failure.
