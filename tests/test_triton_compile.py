@@ -60,7 +60,14 @@ def kernels():
     aligned = {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "pref_ptr": "*fp64",
                "out_ptr": "*fp64", "K": "i32", "sweeps": "i32", "TOL": "constexpr",
                "MODE": "constexpr", "KP": "constexpr"}
-    out = []
+    out = [("min_norm_k2", S._min_norm_k2_kernel,
+            {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "out_ptr": "*fp64",
+             "REG": "constexpr"}, {"REG": 2.4e-7}, 1)]
+    for upgrad in (False, True):
+        out.append((f"dual_cone_k2[upgrad={upgrad}]", S._dual_cone_k2_kernel,
+                    {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "pref_ptr": "*fp64",
+                     "out_ptr": "*fp64", "EPS": "constexpr", "REG": "constexpr",
+                     "UPGRAD": "constexpr"}, {"EPS": 1e-4, "REG": 1e-4, "UPGRAD": upgrad}, 1))
     for KP in (2, 8, 16, 32, 64):
         for name, fn, sig in (("dual_cone", S._dual_cone_kernel, dual_cone),
                               ("min_norm", S._min_norm_kernel, min_norm),

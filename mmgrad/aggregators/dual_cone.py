@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import _qp
-from .base import Aggregator, _PrefMixin, check_gram, check_option, normalized
+from .base import Aggregator, _PrefMixin, check_gram, check_option, normalized, use_triton_eager
 
 
 class _DualConeBase(_PrefMixin, Aggregator):
@@ -24,10 +24,22 @@ class _DualConeBase(_PrefMixin, Aggregator):
         return {"pref_vector": self._pref, "norm_eps": self.norm_eps, "reg_eps": self.reg_eps,
                 "iters": self.iters}
 
+    def _closed_form_k2(self, K: int) -> bool:
+        """K = 2 with a preference vector >= 0 (a host-side check): the closed form applies."""
+        return K == 2 and (self._pref is None or bool((self._pref >= 0).all()))
+
+    def _k2_in_one_launch(self, G: torch.Tensor, upgrad: bool) -> Optional[torch.Tensor]:
+        """The weights for the closed-form case where Triton serves ``G`` (plain eager): the
+        normalisation, the closed form and the weights in one launch; else None."""
+        if not (self._closed_form_k2(G.shape[0]) and use_triton_eager(G)):
+            return None
+        from mmgrad.triton import solvers
+        pref = self._pref_for(2, G, dtype=torch.float64)
+        return solvers.dual_cone_k2(G, pref, self.norm_eps, self.reg_eps, upgrad).to(G.dtype)
+
     def _project(self, Gn: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
         """The projections for the rows of ``U``, ``Gn`` from :func:`normalized` (with reg_eps)."""
-        K = Gn.shape[0]
-        if K == 2 and (self._pref is None or bool((self._pref >= 0).all())):  # host-side check
+        if self._closed_form_k2(Gn.shape[0]):
             return _qp.dual_cone_k2(Gn, U)
         return _qp.project_dual_cone(Gn, U, self.iters)
 
@@ -41,7 +53,8 @@ class UPGrad(_DualConeBase):
     method :func:`mmgrad.aggregators._qp.project_dual_cone` with a budget of ``iters`` iterations
     (default ``min(100, 4 K + 8)``, :func:`~mmgrad.aggregators._qp.default_iters`): one Triton
     program per QP on GPUs (K <= 64; beyond, batched K x K torch solves); one by one on their free
-    blocks in C++ on the CPU; both stop at the fixed point. K = 2 has a closed form.
+    blocks in C++ on the CPU; both stop at the fixed point. K = 2 has a closed form (on a GPU one
+    Triton launch with the normalisation).
     torchjd solves them one by one with quadprog on the CPU in numpy.
 
     Deliberate difference: ``norm_eps`` defaults to 0 (torchjd: 1e-4). torchjd replaces ``G`` by
@@ -53,6 +66,9 @@ class UPGrad(_DualConeBase):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
+        w = self._k2_in_one_launch(G, upgrad=True)
+        if w is not None:
+            return w
         Gn = normalized(G, self.norm_eps, self.reg_eps)
         U = self._pref_for(G.shape[0], Gn, diagonal=True)
         return self._project(Gn, U).sum(0).to(G.dtype)
@@ -69,6 +85,9 @@ class DualProj(_DualConeBase):
 
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
+        w = self._k2_in_one_launch(G, upgrad=False)
+        if w is not None:
+            return w
         Gn = normalized(G, self.norm_eps, self.reg_eps)
         u = self._pref_for(G.shape[0], Gn).unsqueeze(0)
         return self._project(Gn, u)[0].to(G.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _qp
-from .base import Aggregator, check_gram, check_option, normalized, rounding_ridge
+from .base import Aggregator, check_gram, check_option, normalized, rounding_ridge, use_triton_eager
 
 
 def frank_wolfe(G: torch.Tensor, epsilon: float, max_iters: int) -> torch.Tensor:
@@ -39,7 +39,8 @@ class MGDA(Aggregator):
     :func:`~mmgrad.aggregators.base.rounding_ridge` for a float32 / half ``G``), then Wolfe's
     minimum-norm-point method, :func:`mmgrad.aggregators._qp.min_norm_simplex`, with a fixed budget
     of ``iters`` steps (default ``2 K + 8``, :func:`~mmgrad.aggregators._qp.min_norm_default_iters`;
-    it needs ~K, up to ~2 K on ill-conditioned Grams), closed form for K = 2. It returns the exact minimiser (KKT residual at
+    it needs ~K, up to ~2 K on ill-conditioned Grams), closed form for K = 2 (on a GPU one Triton
+    launch with the normalisation). It returns the exact minimiser (KKT residual at
     rounding level, tested, rank-deficient Grams included) where torchjd's Frank-Wolfe stops at a
     step below ``epsilon`` (an approximation: the two differ by up to ~1e-2 in the weights). Where
     the minimiser is not unique (duplicate rows, or the origin inside the hull) the weights are one
@@ -69,6 +70,9 @@ class MGDA(Aggregator):
     def weights(self, G: torch.Tensor) -> torch.Tensor:
         check_gram(G)
         K = G.shape[0]
+        if K == 2 and self.solver == "exact" and use_triton_eager(G):
+            from mmgrad.triton import solvers  # normalisation and closed form in one launch
+            return solvers.min_norm_k2(G, rounding_ridge(G)).to(G.dtype)
         Gn = normalized(G, reg=rounding_ridge(G) if self.solver == "exact" else 0.0)
         if self.solver == "frank_wolfe":
             w = frank_wolfe(Gn, self.epsilon, self.max_iters)

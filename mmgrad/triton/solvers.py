@@ -539,6 +539,66 @@ def _trace_normalized_kernel(G_ptr, out_ptr, K, stride0, stride1, EPS: tl.conste
     _store_tile(out_ptr, Gn + tl.where(eye, _f64(REG), 0.0), rows, cols, K)
 
 
+@triton.jit
+def _normalized_k2(G_ptr, stride0, stride1, EPS: tl.constexpr, REG: tl.constexpr):
+    """The entries (n00, n01, n10, n11) of ``base.normalized(G, EPS, REG)`` for a (2, 2) G, in
+    float64 scalars."""
+    g00 = tl.load(G_ptr).to(tl.float64)
+    g01 = tl.load(G_ptr + stride1).to(tl.float64)
+    g10 = tl.load(G_ptr + stride0).to(tl.float64)
+    g11 = tl.load(G_ptr + stride0 + stride1).to(tl.float64)
+    t = g00 + g11
+    ok = (t > _f64(EPS)) & (tl.abs(t) < float("inf"))
+    safe = tl.where(ok, t, 1.0)
+    reg = _f64(REG)
+    return (tl.where(ok, g00 / safe, 0.0) + reg, tl.where(ok, g01 / safe, 0.0),
+            tl.where(ok, g10 / safe, 0.0), tl.where(ok, g11 / safe, 0.0) + reg)
+
+
+@triton.jit
+def _relu(x):
+    """``torch.relu``: NaN stays NaN."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _min_norm_k2_kernel(G_ptr, stride0, stride1, out_ptr, REG: tl.constexpr):
+    """MGDA's weights for K = 2 whole, in scalars: ``base.normalized(G, reg=REG)`` (G in float64
+    over its trace, zero when the trace is <= 0 or not finite, plus REG on the diagonal), then the
+    closed form ``_qp.min_norm_k2``. Scalar code only: no tile, so no layout conversion (the kind
+    of code that miscompiled in Nash-MTL's KP = 2 kernel)."""
+    n00, n01, _, n11 = _normalized_k2(G_ptr, stride0, stride1, 0.0, REG)
+    den = n00 + n11 - 2.0 * n01
+    pos = den > 0
+    gamma = tl.where(pos, (n11 - n01) / tl.where(pos, den, 1.0), 0.5)
+    gamma = tl.minimum(tl.maximum(gamma, 0.0), 1.0)
+    tl.store(out_ptr, gamma)
+    tl.store(out_ptr + 1, 1.0 - gamma)
+
+
+@triton.jit
+def _dual_cone_k2_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, EPS: tl.constexpr,
+                         REG: tl.constexpr, UPGRAD: tl.constexpr):
+    """UPGrad's (rows ``pref_i e_i``, projections summed) or DualProj's (the row ``pref``) weights
+    for K = 2 and ``pref >= 0`` whole, in scalars: ``base.normalized(G, EPS, REG)`` and the
+    closed form ``_qp.dual_cone_k2`` (``v = u + e_i relu(-(u^T G)_i) / G_ii``)."""
+    n00, n01, n10, n11 = _normalized_k2(G_ptr, stride0, stride1, EPS, REG)
+    p0 = tl.load(pref_ptr).to(tl.float64)
+    p1 = tl.load(pref_ptr + 1).to(tl.float64)
+    s00 = tl.where(n00 > 0, n00, 1.0)
+    s11 = tl.where(n11 > 0, n11, 1.0)
+    if UPGRAD:  # rows (p0, 0) and (0, p1): u^T G = (p0 n00, p0 n01) and (p1 n10, p1 n11)
+        w0 = p0 + tl.where(n00 > 0, _relu(-(p0 * n00)) / s00, 0.0)
+        w1 = tl.where(n11 > 0, _relu(-(p0 * n01)) / s11, 0.0)
+        w0 += tl.where(n00 > 0, _relu(-(p1 * n10)) / s00, 0.0)
+        w1 += p1 + tl.where(n11 > 0, _relu(-(p1 * n11)) / s11, 0.0)
+    else:
+        w0 = p0 + tl.where(n00 > 0, _relu(-(p0 * n00 + p1 * n10)) / s00, 0.0)
+        w1 = p1 + tl.where(n11 > 0, _relu(-(p0 * n01 + p1 * n11)) / s11, 0.0)
+    tl.store(out_ptr, w0)
+    tl.store(out_ptr + 1, w1)
+
+
 def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
@@ -558,6 +618,26 @@ def _num_warps(KP: int) -> int:
 def serves(G: torch.Tensor) -> bool:
     """Whether these kernels take ``G``: float64 with 1 <= K <= MAX_K."""
     return G.dtype == torch.float64 and 1 <= G.shape[-1] <= MAX_K
+
+
+def min_norm_k2(G: torch.Tensor, reg: float) -> torch.Tensor:
+    """MGDA's float64 weights of a (2, 2) G of any float dtype and strides in one launch: trace
+    normalisation with ``reg`` on the diagonal, then the closed form (``_min_norm_k2_kernel``),
+    where the torch ops are about fifteen launches."""
+    out = torch.empty(2, dtype=torch.float64, device=G.device)
+    _min_norm_k2_kernel[(1,)](G, G.stride(0), G.stride(1), out, REG=float(reg), num_warps=1)
+    return out
+
+
+def dual_cone_k2(G: torch.Tensor, pref: torch.Tensor, eps: float, reg: float,
+                 upgrad: bool) -> torch.Tensor:
+    """UPGrad's (``upgrad``) or DualProj's float64 weights of a (2, 2) G of any float dtype and
+    strides, ``pref`` (2,) >= 0, in one launch: trace normalisation (``eps``, ``reg``) and the
+    closed form (``_dual_cone_k2_kernel``), where the torch ops are about ten launches."""
+    out = torch.empty(2, dtype=torch.float64, device=G.device)
+    _dual_cone_k2_kernel[(1,)](G, G.stride(0), G.stride(1), pref, out, EPS=float(eps),
+                               REG=float(reg), UPGRAD=upgrad, num_warps=1)
+    return out
 
 
 def trace_normalized(G: torch.Tensor, eps: float, reg: float) -> torch.Tensor:
