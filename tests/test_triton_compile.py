@@ -63,6 +63,9 @@ def kernels():
     out = [("min_norm_k2", S._min_norm_k2_kernel,
             {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "out_ptr": "*fp64",
              "REG": "constexpr"}, {"REG": 2.4e-7}, 1)]
+    out.append(("pcgrad_k2", S._pcgrad_k2_kernel,
+                {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "out_ptr": "*fp64",
+                 "SCALE": "constexpr"}, {"SCALE": 0.5}, 1))
     for upgrad in (False, True):
         out.append((f"dual_cone_k2[upgrad={upgrad}]", S._dual_cone_k2_kernel,
                     {"G_ptr": "*fp32", "stride0": "i32", "stride1": "i32", "pref_ptr": "*fp64",

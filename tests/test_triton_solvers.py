@@ -252,19 +252,19 @@ def test_empty_batch():
     assert solvers.project_dual_cone(G, G[:0], 5, *ARGS).shape == (0, 3)
 
 
-K2_OPTIONS = [("mgda", {}), ("upgrad", {}), ("upgrad", {"pref_vector": [0.3, 2.0], "norm_eps": 1e-4}),
+K2_OPTIONS = [("mgda", {}), ("pcgrad", {}), ("pcgrad", {"reduction": "mean"}), ("upgrad", {}), ("upgrad", {"pref_vector": [0.3, 2.0], "norm_eps": 1e-4}),
               ("upgrad", {"pref_vector": [0.0, 1.0], "reg_eps": 0.0}), ("dualproj", {}),
               ("dualproj", {"pref_vector": [2.0, 0.5], "norm_eps": 1e-4, "reg_eps": 1e-2})]
 
 
 @pytest.mark.parametrize("name,options", K2_OPTIONS, ids=[f"{n}-{i}" for i, (n, _) in enumerate(K2_OPTIONS)])
 def test_k2_closed_forms_in_one_launch_match_the_torch_path(name, options, monkeypatch, gen):
-    """MGDA, UPGrad and DualProj at K = 2 where Triton serves G: the normalisation and the closed
-    form in one scalar kernel, equal to the torch path (``normalized`` and ``_qp.min_norm_k2`` /
-    ``_qp.dual_cone_k2``, reference backend) on every kind of Gram, float32 and float64, strided,
+    """MGDA, PCGrad, UPGrad and DualProj at K = 2 where Triton serves G: the normalisation and the
+    closed form in one scalar kernel, equal to the torch path (``normalized`` and
+    ``_qp.min_norm_k2`` / ``pcgrad_coefficients_torch`` / ``_qp.dual_cone_k2``, reference backend) on every kind of Gram, float32 and float64, strided,
     zero, indefinite and non-finite (a GPU may fuse a multiply-add: 1e-15 there)."""
     calls = []
-    for fn in ("min_norm_k2", "dual_cone_k2"):
+    for fn in ("min_norm_k2", "dual_cone_k2", "pcgrad_k2"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real: calls.append(1) or _real(*a))
     grams = [random_gram(2, kind, scale, gen) for kind in KINDS for scale in (1e-10, 1.0, 1e10)]
@@ -279,14 +279,19 @@ def test_k2_closed_forms_in_one_launch_match_the_torch_path(name, options, monke
         for dtype in (F64, torch.float32):
             for Gx in (G.to(dtype), G.to(dtype).t().contiguous().t(), torch.stack([G, G], 2).to(dtype)[..., 1]):
                 monkeypatch.setenv("MMGRAD_BACKEND", "reference")
-                want = mmgrad.weights(Gx, name, **options)
+                ref = mmgrad.aggregators.get(name, **options)
+                want = ref.weights(Gx)
                 monkeypatch.setenv("MMGRAD_BACKEND", "triton")
+                agg = mmgrad.aggregators.get(name, **options)
                 n = len(calls)
-                got = mmgrad.weights(Gx.to(DEV), name, **options).cpu()
+                got = agg.weights(Gx.to(DEV)).cpu()
                 assert len(calls) == n + 1 and got.dtype == want.dtype
                 assert torch.allclose(got, want, rtol=1e-15, atol=1e-15, equal_nan=True), (G, got, want)
+                if name == "pcgrad":  # the stream advanced as the drawn order would advance it
+                    counters = [[int(c) for c in a.state_dict()["generators"].values()] for a in (agg, ref)]
+                    assert counters[0] == counters[1] == [4]
     # a negative preference has no closed form: the general solver runs
-    if name != "mgda":
+    if name in ("upgrad", "dualproj"):
         n = len(calls)
         mmgrad.weights(grams[0].to(DEV), name, pref_vector=[-1.0, 1.0])
         assert len(calls) == n

@@ -306,6 +306,12 @@ class SeededMixin:
         counter.add_(_advance(n, packed))
         return u.to(dtype)
 
+    def _skip(self, n: int, device: torch.device, packed: bool = False) -> None:
+        """Advance ``device``'s stream as ``_uniform(n, device, packed=packed)`` would, drawing
+        nothing (a draw whose numbers do not matter, such as PCGrad's order at K = 2)."""
+        self.settle_stream(device)
+        self._counters[str(device)].add_(_advance(n, packed))
+
     def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32,
                     packed: bool = False) -> torch.Tensor:
         """The numbers a ``_uniform(total, ...)`` call would give at positions ``index`` (int64),

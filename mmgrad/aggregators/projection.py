@@ -25,7 +25,7 @@ import torch
 from mmgrad._custom_op import custom_op
 
 from .base import (Aggregator, SeededMixin, check_gram, check_option, normalized, use_cpp_solver,
-                   use_triton_solver)
+                   use_triton_eager, use_triton_solver)
 
 
 def _orders(K: int, uniform) -> torch.Tensor:
@@ -132,7 +132,9 @@ class PCGrad(SeededMixin, Aggregator):
     Differences with torchjd: the orders come from this object's own ``torch.Generator`` (seeded
     with ``seed``, state in ``state_dict``) instead of the global RNG, and ``G`` is normalised by
     its trace (the weights are scale-invariant in exact arithmetic). For K = 2 the order is
-    irrelevant and PCGrad equals UPGrad with ``pref_vector = [1, 1]`` (tested).
+    irrelevant and PCGrad equals UPGrad with ``pref_vector = [1, 1]`` (tested); where Triton serves
+    ``G`` the K = 2 weights are then one scalar kernel, and the stream advances as the undrawn
+    order would advance it.
     """
 
     name = "pcgrad"
@@ -149,8 +151,14 @@ class PCGrad(SeededMixin, Aggregator):
     def weights(self, G: torch.Tensor, order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``order`` (K, K) overrides the random visiting orders (tests, reproduction)."""
         check_gram(G)
-        Gn = normalized(G)
         K = G.shape[0]
+        if K == 2 and order is None and use_triton_eager(G):
+            # one launch (normalisation included); the order, irrelevant at K = 2, is not drawn
+            # but the stream advances as if it were
+            from mmgrad.triton import solvers
+            self._skip(K * K, G.device)
+            return solvers.pcgrad_k2(G, 1.0 if self.reduction == "sum" else 1.0 / K).to(G.dtype)
+        Gn = normalized(G)
         if order is None:
             order = _orders(K, lambda n: self._uniform(n, G.device))
         w = pcgrad_coefficients(Gn, order).sum(0)

@@ -599,6 +599,21 @@ def _dual_cone_k2_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, EPS: tl.con
     tl.store(out_ptr + 1, w1)
 
 
+@triton.jit
+def _pcgrad_k2_kernel(G_ptr, stride0, stride1, out_ptr, SCALE: tl.constexpr):
+    """PCGrad's weights for K = 2 whole, in scalars (the order is irrelevant at K = 2):
+    ``base.normalized(G)``, then as ``projection.pcgrad_coefficients_torch`` each row projected
+    off the other where their product is < 0 (a NaN product projects nothing), the coefficient
+    rows summed and scaled by SCALE (1, or 1/2 for ``reduction="mean"``)."""
+    n00, n01, n10, n11 = _normalized_k2(G_ptr, stride0, stride1, 0.0, 0.0)
+    s00 = tl.where(n00 > 0, n00, 1.0)
+    s11 = tl.where(n11 > 0, n11, 1.0)
+    c10 = tl.where((n01 < 0) & (n00 > 0), -n01 / s00, 0.0)  # row 1 off g_0: (e_1 . G e_0) = n01
+    c01 = tl.where((n10 < 0) & (n11 > 0), -n10 / s11, 0.0)
+    tl.store(out_ptr, (1.0 + c10) * _f64(SCALE))
+    tl.store(out_ptr + 1, (c01 + 1.0) * _f64(SCALE))
+
+
 def _padded(K: int) -> int:
     return max(2, triton.next_power_of_2(K))
 
@@ -637,6 +652,14 @@ def dual_cone_k2(G: torch.Tensor, pref: torch.Tensor, eps: float, reg: float,
     out = torch.empty(2, dtype=torch.float64, device=G.device)
     _dual_cone_k2_kernel[(1,)](G, G.stride(0), G.stride(1), pref, out, EPS=float(eps),
                                REG=float(reg), UPGRAD=upgrad, num_warps=1)
+    return out
+
+
+def pcgrad_k2(G: torch.Tensor, scale: float) -> torch.Tensor:
+    """PCGrad's float64 weights of a (2, 2) G of any float dtype and strides, times ``scale``, in
+    one launch (``_pcgrad_k2_kernel``)."""
+    out = torch.empty(2, dtype=torch.float64, device=G.device)
+    _pcgrad_k2_kernel[(1,)](G, G.stride(0), G.stride(1), out, SCALE=float(scale), num_warps=1)
     return out
 
 
@@ -757,7 +780,7 @@ def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridg
     """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K: ``(alpha, weights)`` in
     float64, ``alpha`` the solution on G's scale (the next warm start), ``prev`` the previous one
     (float64) or None for the cold start; the solve is one program. ``solve=False`` (the calls
-    between two solves) keeps ``prev``. The max-norm scaling runs in torch (four small kernels):
+    between two solves) keeps ``prev``. The max-norm scaling runs in torch (about ten small ops):
     inside the kernel, compiled for sm_90 by Triton 3.6, the same lines left alpha unscaled after
     a solve (the interpreter scaled it), and no rewrite of them could be checked on a GPU yet."""
     if not solve and prev is None:
