@@ -126,8 +126,8 @@ def _warn_if_libstdcxx_static(path: str) -> None:
     readelf = shutil.which("readelf")
     if readelf is None or not sys.platform.startswith("linux") or not os.path.exists(path):
         return
-    needed = subprocess.run([readelf, "-d", path], capture_output=True, text=True).stdout
-    if "libstdc++" not in needed:
+    result = subprocess.run([readelf, "-d", path], capture_output=True, text=True)
+    if result.returncode == 0 and "libstdc++" not in result.stdout:
         sys.stderr.write(
             f"mmgrad: WARNING: {path} does not link libstdc++ dynamically (CXX={os.environ.get('CXX', 'default')}); "
             "its error paths may crash. Rebuild with the distribution's compiler, e.g. "

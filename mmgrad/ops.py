@@ -51,8 +51,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # --- backend policy ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_error() -> Optional[str]:
+    if os.environ.get("MMGRAD_TRITON") == "0":  # opt-out: no Triton kernel runs, not even as
+        return "disabled by MMGRAD_TRITON=0"     # the CUDA C++ backend's solvers
+    return _triton_import_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
     try:
         importlib.import_module("triton")
     except ImportError:

@@ -249,8 +249,9 @@ def test_policy_choosing_the_cuda_backend_on_cuda_tensors_runs_the_triton_kernel
     for op in ("philox_uniform", "feature_drop"):
         assert ops._kernel(op, torch.device("cuda"), None) is getattr(mmgrad.triton, op)
         assert ops._kernel(op, torch.device("cpu"), None) is ops._REFERENCE_KERNELS[op]
-    monkeypatch.setattr(ops, "_backend_error", lambda backend, device: "no triton")
+    monkeypatch.setenv("MMGRAD_TRITON", "0")  # the opt-out: the reference, and Triton unavailable
     assert ops._kernel("philox_uniform", torch.device("cuda"), None) is ops._REFERENCE_KERNELS["philox_uniform"]
+    assert "MMGRAD_TRITON=0" in ops.available_backends("cpu")["triton"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA C++ backend needs a CUDA device")

@@ -196,7 +196,8 @@ class _PrefMixin:
 
     def _init_pref(self, pref_vector: Optional[Sequence[float] | torch.Tensor]) -> None:
         if pref_vector is not None:
-            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).detach()
+            # a copy: a later change to the caller's tensor must not change this aggregator
+            pref_vector = torch.as_tensor(pref_vector, dtype=torch.float64).detach().clone()
             if pref_vector.dim() != 1:
                 raise ValueError("pref_vector must be a 1-D tensor")
             if not torch.isfinite(pref_vector).all():

@@ -76,8 +76,10 @@ class NashMTL(Aggregator):
     stops at ``|G a - 1/a| < 1e-3``; here the exact barrier minimiser is found (plus the
     ``NASH_RIDGE`` ridge, which keeps zero and cancelling rows finite).
 
-    Where the Triton backend serves ``G`` every call is one kernel (solving calls: normalisation,
-    start, Newton, rescale, max-norm; the calls between two solves: the max-norm scaling).
+    Where the Triton backend serves ``G`` a solving call is one kernel (normalisation, start,
+    Newton, rescale) and the max-norm scaling a few torch ops after it (inside the kernel it
+    miscompiled for sm_90: :func:`mmgrad.triton.solvers.nash_weights`); the calls between two
+    solves are the scaling alone.
 
     State (``state_dict``): ``alpha`` (the last solution) and ``step`` (call counter).
     """
@@ -121,7 +123,7 @@ class NashMTL(Aggregator):
         # a call between two solves with no solution to reuse (the first with this K) solves too
         solving = self.step % self.update_weights_every == 0 or prev is None
         if use_triton_eager(G):
-            from mmgrad.triton import solvers  # the whole call in one kernel
+            from mmgrad.triton import solvers  # the solve in one kernel, then the scaling
             self.alpha, w = solvers.nash_weights(
                 G, None if prev is None else prev.to(torch.float64), self.optim_niter, NASH_RIDGE,
                 self.max_norm, solve=solving)

@@ -571,7 +571,10 @@ def _min_norm_k2_kernel(G_ptr, stride0, stride1, out_ptr, REG: tl.constexpr):
     den = n00 + n11 - 2.0 * n01
     pos = den > 0
     gamma = tl.where(pos, (n11 - n01) / tl.where(pos, den, 1.0), 0.5)
-    gamma = tl.minimum(tl.maximum(gamma, 0.0), 1.0)
+    # clamp(0, 1) keeping NaN (inf / inf), as torch's: the default min / max compile to PTX
+    # min / max, which return the other operand
+    gamma = tl.minimum(tl.maximum(gamma, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                       propagate_nan=tl.PropagateNan.ALL)
     tl.store(out_ptr, gamma)
     tl.store(out_ptr + 1, 1.0 - gamma)
 
@@ -587,11 +590,12 @@ def _dual_cone_k2_kernel(G_ptr, stride0, stride1, pref_ptr, out_ptr, EPS: tl.con
     p1 = tl.load(pref_ptr + 1).to(tl.float64)
     s00 = tl.where(n00 > 0, n00, 1.0)
     s11 = tl.where(n11 > 0, n11, 1.0)
-    if UPGRAD:  # rows (p0, 0) and (0, p1): u^T G = (p0 n00, p0 n01) and (p1 n10, p1 n11)
-        w0 = p0 + tl.where(n00 > 0, _relu(-(p0 * n00)) / s00, 0.0)
-        w1 = tl.where(n11 > 0, _relu(-(p0 * n01)) / s11, 0.0)
-        w0 += tl.where(n00 > 0, _relu(-(p1 * n10)) / s00, 0.0)
-        w1 += p1 + tl.where(n11 > 0, _relu(-(p1 * n11)) / s11, 0.0)
+    if UPGRAD:  # rows (p0, 0) and (0, p1); the zero products kept, as in the matmul U @ G (an
+        # infinite entry times 0 gives NaN there)
+        w0 = p0 + tl.where(n00 > 0, _relu(-(p0 * n00 + 0.0 * n10)) / s00, 0.0)
+        w1 = tl.where(n11 > 0, _relu(-(p0 * n01 + 0.0 * n11)) / s11, 0.0)
+        w0 += tl.where(n00 > 0, _relu(-(0.0 * n00 + p1 * n10)) / s00, 0.0)
+        w1 += p1 + tl.where(n11 > 0, _relu(-(0.0 * n01 + p1 * n11)) / s11, 0.0)
     else:
         w0 = p0 + tl.where(n00 > 0, _relu(-(p0 * n00 + p1 * n10)) / s00, 0.0)
         w1 = p1 + tl.where(n11 > 0, _relu(-(p0 * n01 + p1 * n11)) / s11, 0.0)
@@ -650,7 +654,7 @@ def dual_cone_k2(G: torch.Tensor, pref: torch.Tensor, eps: float, reg: float,
     strides, ``pref`` (2,) >= 0, in one launch: trace normalisation (``eps``, ``reg``) and the
     closed form (``_dual_cone_k2_kernel``), where the torch ops are about ten launches."""
     out = torch.empty(2, dtype=torch.float64, device=G.device)
-    _dual_cone_k2_kernel[(1,)](G, G.stride(0), G.stride(1), pref, out, EPS=float(eps),
+    _dual_cone_k2_kernel[(1,)](G, G.stride(0), G.stride(1), pref.contiguous(), out, EPS=float(eps),
                                REG=float(reg), UPGRAD=upgrad, num_warps=1)
     return out
 
