@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +204,14 @@ def test_budget_and_out_file(tmp_path):
                   "OGM-GE step", "MMPareto step", "aggregate mean K=2", "aggregate graddrop K=8"):
         assert label in skipped
     assert "triton not timed on CPU" in proc.stdout
+
+
+def test_gpu_run_script_parses_and_names_existing_tests():
+    """benchmarks/gpu_run.sh, the one command of a lent GPU machine, is valid bash and every test
+    file it runs exists: a renamed file would silently drop its CUDA tests from the next GPU run."""
+    script = ROOT / "benchmarks" / "gpu_run.sh"
+    check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    named = re.findall(r"tests/test_\w+\.py", script.read_text())
+    assert len(named) >= 10, named
+    assert [n for n in named if not (ROOT / n).exists()] == []
