@@ -332,7 +332,7 @@ def test_aggregators_run_the_kernels_where_triton_serves(name, monkeypatch, gen)
     want = mmgrad.weights(ops.gram(J), name)
     calls = []
     for fn in ("project_dual_cone", "min_norm_simplex", "cagrad_dual", "pinv_weights",
-               "aligned_weights", "pcgrad_coefficients", "gradvac_coefficients", "nash_weights"):
+               "aligned_weights", "pcgrad_coefficients", "gradvac_coefficients", "nash_solve"):
         real = getattr(solvers, fn)
         monkeypatch.setattr(solvers, fn, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     normalized_calls = []

@@ -76,10 +76,9 @@ class NashMTL(Aggregator):
     stops at ``|G a - 1/a| < 1e-3``; here the exact barrier minimiser is found (plus the
     ``NASH_RIDGE`` ridge, which keeps zero and cancelling rows finite).
 
-    Where the Triton backend serves ``G`` a solving call is one kernel (normalisation, start,
-    Newton, rescale) and the max-norm scaling a few torch ops after it (inside the kernel it
-    miscompiled for sm_90: :func:`mmgrad.triton.solvers.nash_weights`); the calls between two
-    solves are the scaling alone.
+    Where the Triton backend serves ``G`` the solve is one kernel (normalisation, start, Newton,
+    rescale: :func:`mmgrad.triton.solvers.nash_solve`); the max-norm scaling after it is the same
+    few torch ops on every path (inside the kernel it miscompiled for sm_90).
 
     State (``state_dict``): ``alpha`` (the last solution) and ``step`` (call counter).
     """
@@ -122,20 +121,19 @@ class NashMTL(Aggregator):
             prev = None
         # a call between two solves with no solution to reuse (the first with this K) solves too
         solving = self.step % self.update_weights_every == 0 or prev is None
-        if use_triton_eager(G):
-            from mmgrad.triton import solvers  # the solve in one kernel, then the scaling
-            self.alpha, w = solvers.nash_weights(
-                G, None if prev is None else prev.to(torch.float64), self.optim_niter, NASH_RIDGE,
-                self.max_norm, solve=solving)
-            self.step += 1
-            return w.to(G.dtype)
         Gs = to_solve(G)
-        nf = torch.linalg.matrix_norm(Gs)
-        ok = (nf > 0) & torch.isfinite(nf)
-        nf = torch.where(ok, nf, torch.ones_like(nf))
-        Gn = torch.where(ok, Gs / nf, torch.zeros_like(Gs))
-        root = nf.sqrt()
-        if solving:
+        if not solving:
+            alpha = prev.to(Gs.dtype)
+        elif use_triton_eager(G):
+            from mmgrad.triton import solvers  # normalisation, start, Newton, rescale: one kernel
+            alpha = solvers.nash_solve(G, None if prev is None else prev.to(torch.float64),
+                                       self.optim_niter, NASH_RIDGE)
+        else:
+            nf = torch.linalg.matrix_norm(Gs)
+            ok = (nf > 0) & torch.isfinite(nf)
+            nf = torch.where(ok, nf, torch.ones_like(nf))
+            Gn = torch.where(ok, Gs / nf, torch.zeros_like(Gs))
+            root = nf.sqrt()
             Gr = Gn + NASH_RIDGE * torch.eye(K, dtype=Gs.dtype, device=Gs.device)
             if prev is None:
                 d = Gr.diagonal()
@@ -148,8 +146,6 @@ class NashMTL(Aggregator):
             # first), not the ridge's 1 / sqrt(NASH_RIDGE)
             kept = prev.to(Gs.dtype) if prev is not None else torch.ones_like(alpha)
             alpha = torch.where(ok, alpha, kept)
-        else:
-            alpha = prev.to(Gs.dtype)
         self.step += 1
         self.alpha = alpha
         if self.max_norm > 0:

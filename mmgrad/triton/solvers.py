@@ -779,28 +779,16 @@ def aligned_weights(G: torch.Tensor, pref: torch.Tensor, tol: float, mode: int,
     return out
 
 
-def nash_weights(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridge: float,
-                 max_norm: float, solve: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nash-MTL's weights of a (K, K) G of any float dtype, K <= MAX_K: ``(alpha, weights)`` in
-    float64, ``alpha`` the solution on G's scale (the next warm start), ``prev`` the previous one
-    (float64) or None for the cold start; the solve is one program. ``solve=False`` (the calls
-    between two solves) keeps ``prev``. The max-norm scaling runs in torch (about ten small ops):
-    inside the kernel, compiled for sm_90 by Triton 3.6, the same lines left alpha unscaled after
-    a solve (the interpreter scaled it), and no rewrite of them could be checked on a GPU yet."""
-    if not solve and prev is None:
-        raise ValueError("nash_weights: a call that does not solve needs the previous solution")
+def nash_solve(G: torch.Tensor, prev: Optional[torch.Tensor], iters: int, ridge: float) -> torch.Tensor:
+    """The solve of Nash-MTL's weights for a (K, K) G of any float dtype, K <= MAX_K, in one
+    program: the float64 solution on G's scale (the next warm start); ``prev`` the previous one
+    (float64) or None for the cold start. The max-norm scaling after it is the caller's, in torch:
+    inside the kernel, compiled for sm_90 by Triton 3.6, the same lines left the solution unscaled
+    (the interpreter scaled it)."""
     K = G.shape[0]
-    if solve:
-        alpha = torch.empty(K, dtype=torch.float64, device=G.device)
-        KP = _padded(K)
-        _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev,
-                                   alpha, K, iters, HAS_PREV=prev is not None,
-                                   RIDGE=float(ridge), KP=KP, num_warps=_num_warps(KP))
-    else:
-        alpha = prev.clone()
-    if max_norm <= 0:
-        return alpha, alpha.clone()
-    Gs = G.to(torch.float64)
-    norm = (alpha @ Gs @ alpha).clamp(min=0).sqrt()  # |J^T alpha|
-    big = norm > max_norm
-    return alpha, torch.where(big, alpha * (max_norm / torch.where(big, norm, torch.ones_like(norm))), alpha)
+    alpha = torch.empty(K, dtype=torch.float64, device=G.device)
+    KP = _padded(K)
+    _nash_weights_kernel[(1,)](G, G.stride(0), G.stride(1), alpha if prev is None else prev, alpha,
+                               K, iters, HAS_PREV=prev is not None, RIDGE=float(ridge), KP=KP,
+                               num_warps=_num_warps(KP))
+    return alpha
