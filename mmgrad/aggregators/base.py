@@ -310,8 +310,7 @@ class SeededMixin:
     def _skip(self, n: int, device: torch.device, packed: bool = False) -> None:
         """Advance ``device``'s stream as ``_uniform(n, device, packed=packed)`` would, drawing
         nothing (a draw whose numbers do not matter, such as PCGrad's order at K = 2)."""
-        self.settle_stream(device)
-        self._counters[str(device)].add_(_advance(n, packed))
+        self._counter(device).add_(_advance(n, packed))
 
     def _uniform_at(self, index: torch.Tensor, total: int, dtype: torch.dtype = torch.float32,
                     packed: bool = False) -> torch.Tensor:
@@ -325,8 +324,12 @@ class SeededMixin:
     def _stream(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The counter and the Philox key of ``device``, made with fill kernels (a host-to-device
         copy of the seed would synchronise)."""
+        return self._counter(device), torch.full((), self.seed, dtype=torch.int64, device=device)
+
+    def _counter(self, device: torch.device) -> torch.Tensor:
+        """``device``'s counter (made by :meth:`settle_stream` at the first use)."""
         self.settle_stream(device)
-        return self._counters[str(device)], torch.full((), self.seed, dtype=torch.int64, device=device)
+        return self._counters[str(device)]
 
     def settle_stream(self, device: torch.device) -> None:
         """Make ``device``'s counter exist now (taking over one loaded under another device), so
